@@ -1,0 +1,176 @@
+"""
+Sample a trained generator (ours or official): a PNG grid, or an ADM-style .npz for FID, on 1 process or N.
+
+  python sample.py --ckpt results/001-llamagen-generator/last.pt --grid grid.png     # a row per class
+  torchrun --nproc_per_node=8 sample.py --ckpt RUN/last.pt --num-samples 50000 --out samples.npz
+  python sample.py --official --method llamagen --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt \
+      --model GPT-B --image-size 256 --cfg-scale 2.0 --num-samples 50000 --out samples.npz
+  python sample.py --ckpt RUN/last.pt --benchmark                                   # images/s, forward calls
+The .npz holds arr_0 uint8 (N, H, W, 3) and arr_1 labels (N,), class-balanced, as the ADM evaluator reads it.
+"""
+import argparse, importlib, math, os, time  # noqa: E401
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import vq
+
+
+def to_uint8(x):  # [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), as the official samplers (truncating)
+    return (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(x, path, nrow):  # x (N, 3, H, W) in [-1, 1] -> PNG, nrow images per row, 2-pixel gaps
+    a = F.pad(to_uint8(x.float()), (0, 0, 2, 0, 2, 0), value=255).numpy()  # (N, H+2, W+2, 3)
+    a = np.concatenate([a, np.full((-len(a) % nrow, *a.shape[1:]), 255, np.uint8)])
+    a = a.reshape(-1, nrow, *a.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(-1, nrow * a.shape[2], 3)
+    Image.fromarray(np.pad(a, ((0, 2), (0, 2), (0, 0)), constant_values=255)).save(path)
+
+
+def setup_ddp():  # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; plain `python` runs one process
+    rank, world, local = (int(os.environ.get(k, 0)) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+    device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
+    if 'RANK' in os.environ:
+        torch.cuda.set_device(device) if device.type == 'cuda' else None
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, max(world, 1), device
+
+
+def save_checkpoint(obj, path):  # plain dicts, loadable with weights_only=True, written atomically
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)  # a crash mid-write never leaves a broken file
+
+
+def load_checkpoint(path, method=None, stage=None):
+    """Our checkpoints are plain dicts; official ones pickle an argparse.Namespace, allow-listed."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'{path}: no such checkpoint')
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # e.g. an UnpicklingError naming a refused global
+        raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
+    if (method and ckpt.get('method') != method) or (stage and ckpt.get('stage') != stage):
+        raise SystemExit(f'{path}: a {ckpt.get("method")} {ckpt.get("stage")} checkpoint, not a {method or ""} {stage or ""} one')
+    return ckpt
+
+
+def load_tokenizer(path, module, size='VQ-16'):
+    """Our tokenizer checkpoint (EMA weights if any), or an official one of size vq.VQ_SIZES[size]."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get('stage') != 'tokenizer':
+        from llamagen import load_official
+        return load_official(module.Tokenizer(module.TokenizerConfig(**vq.VQ_SIZES[size])), path)
+    if ckpt['kind'] != module.Tokenizer.__name__:
+        raise SystemExit(f'{path}: a {ckpt["kind"]} tokenizer; --method {module.__name__} needs a {module.Tokenizer.__name__}')
+    tok = module.Tokenizer(module.TokenizerConfig(**ckpt['config']))
+    tok.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    return tok
+
+
+def load_generator(args):
+    """-> (model, tokenizer) on CPU: ours from --ckpt (EMA weights if any), or official files."""
+    if args.official:
+        module = importlib.import_module(args.method)
+        tok = load_tokenizer(args.vq_ckpt, module, args.vq_model)
+        cfg = module.Config(**module.SIZES[args.model], vocab_size=tok.cfg.codebook_size,
+                            block_size=(args.image_size // tok.stride) ** 2, num_classes=args.num_classes)
+        return module.load_official(module.Model(cfg), args.gpt_ckpt), tok
+    ckpt = load_checkpoint(args.ckpt, args.method, 'generator')
+    module = importlib.import_module(ckpt['method'])
+    model = module.Model(module.Config(**ckpt['config']))
+    model.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    return model, load_tokenizer(ckpt['tokenizer'], module)
+
+
+@torch.inference_mode()
+def sample(model, tok, labels, args, generator):
+    """labels (B,) -> images (B, 3, H, W) in [-1, 1], at --image-size-eval if given (bicubic, as official)."""
+    knobs = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    knobs.update(cfg_interval=args.cfg_interval) if args.cfg_interval != -1 else None  # LlamaGen's only
+    with torch.autocast(labels.device.type, torch.bfloat16, enabled=args.precision == 'bf16'):
+        out = model.generate(labels, generator=generator, **knobs)
+        img = (tok.decode_code(*out) if isinstance(out, tuple) else tok.decode_code(out)).float()
+    if args.image_size_eval and args.image_size_eval != img.shape[-1]:
+        img = F.interpolate(img, size=args.image_size_eval, mode='bicubic')
+    return img
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', help='our generator checkpoint (RUN/last.pt)')
+    p.add_argument('--official', action='store_true', help='official files: --gpt-ckpt, --vq-ckpt, --model')
+    p.add_argument('--method', help='with --official: which method; otherwise checked against --ckpt')
+    p.add_argument('--gpt-ckpt')
+    p.add_argument('--vq-ckpt')
+    p.add_argument('--model', default='GPT-B', help='size of the official generator (the method SIZES)')
+    p.add_argument('--vq-model', default='VQ-16', help='size of the official tokenizer (vq.VQ_SIZES)')
+    p.add_argument('--image-size', type=int, default=256, help='official: the generator trained at this size')
+    p.add_argument('--image-size-eval', type=int, help='resize samples to this size (official 384 -> 256 for FID)')
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--grid', help='write a PNG with a row per class')
+    p.add_argument('--classes', type=int, nargs='+', help='grid classes (default: the first 10)')
+    p.add_argument('--per-class', type=int, default=8, help='grid columns')
+    p.add_argument('--num-samples', type=int, default=0, help='write this many class-balanced samples to --out')
+    p.add_argument('--out', default='samples.npz')
+    p.add_argument('--batch-size', type=int, default=32, help='per process')
+    p.add_argument('--benchmark', action='store_true', help='print images/s and forward calls per image')
+    p.add_argument('--cfg-scale', type=float, default=2.0)
+    p.add_argument('--cfg-interval', type=int, default=-1)
+    p.add_argument('--temperature', type=float, default=1.0)
+    p.add_argument('--top-k', type=int, default=0)
+    p.add_argument('--top-p', type=float, default=1.0)
+    p.add_argument('--precision', choices=('fp32', 'bf16'), help='default: bf16 on GPU, fp32 on CPU')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    if args.official and not (args.method and args.gpt_ckpt and args.vq_ckpt):
+        p.error('--official needs --method, --gpt-ckpt and --vq-ckpt')
+    if not args.official and not args.ckpt:
+        p.error('give --ckpt RUN/last.pt, or --official with the official files')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_ddp()
+    args.precision = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
+    model, tok = (m.to(device).eval() for m in load_generator(args))
+    n_cls = model.cfg.num_classes
+    g = torch.Generator(device).manual_seed(args.seed * world + rank)
+    if args.grid and rank == 0:
+        classes = torch.tensor(args.classes or range(min(n_cls, 10)), device=device)
+        save_grid(sample(model, tok, classes.repeat_interleave(args.per_class), args, g), args.grid, args.per_class)
+        print(f'wrote {args.grid}: {len(classes)} classes x {args.per_class}')
+    if args.benchmark and rank == 0:
+        labels = torch.arange(args.batch_size, device=device) % n_cls
+        sample(model, tok, labels, args, g)  # warm-up
+        torch.cuda.synchronize() if device.type == 'cuda' else None
+        t0, reps = time.time(), 3
+        for _ in range(reps):
+            sample(model, tok, labels, args, g)
+        torch.cuda.synchronize() if device.type == 'cuda' else None
+        dt = time.time() - t0
+        print(f'benchmark: {reps * args.batch_size / dt:.1f} images/s at batch {args.batch_size} on {device} '
+              f'({args.precision}), {model.nfe} forward calls per image')
+    if args.num_samples:
+        # class-balanced labels; sample i goes to rank i % world; rounded up to whole batches
+        per_rank = math.ceil(args.num_samples / (world * args.batch_size)) * args.batch_size
+        labels = (torch.arange(per_rank * world) % n_cls)[rank::world]
+        imgs = [to_uint8(sample(model, tok, labels[i:i + args.batch_size].to(device), args, g)).numpy()
+                for i in range(0, per_rank, args.batch_size)]
+        np.save(f'{args.out}.part{rank}.npy', np.concatenate(imgs))
+        dist.barrier() if dist.is_initialized() else None
+        if rank == 0:  # interleave the parts back into sample order, keep the first N
+            parts = [np.load(f'{args.out}.part{r}.npy') for r in range(world)]
+            arr = np.stack(parts, 1).reshape(-1, *parts[0].shape[1:])[:args.num_samples]
+            np.savez(args.out, arr_0=arr, arr_1=(np.arange(len(arr)) % n_cls))
+            [os.remove(f'{args.out}.part{r}.npy') for r in range(world)]
+            print(f'wrote {args.out}: arr_0 {arr.shape} {arr.dtype}, {n_cls} classes')
+    dist.destroy_process_group() if dist.is_initialized() else None
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,262 @@
+"""
+The tokenizer core: LlamaGen's VQGAN (FoundationVision/LlamaGen, tokenizer/tokenizer_image/vq_model.py),
+after Taming Transformers (Esser et al., arXiv:2012.09841).
+
+A convolutional encoder maps an image in [-1, 1] to an h x w grid of low-dimensional vectors (8-d);
+each is replaced by its nearest code of an l2-normalised codebook (cosine similarity), giving the
+token ids the generators model. The decoder maps codes back to pixels. Training: L2 reconstruction
++ codebook and commitment losses (straight-through gradients) + a PatchGAN hinge loss after a
+start step (+ LPIPS only when its weights are supplied; nothing is downloaded).
+
+VQConfig fields keep the official names; VQ_SIZES['VQ-16'] is the official vq_ds16_c2i.pt model
+(its state dict loads strictly), 'VQ-tiny' the CPU default for the built-in 32x32 dataset.
+Shapes: B batch, C channels, h*w token grid, V codebook size.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 16384  # V
+    codebook_embed_dim: int = 8  # dimension of a code
+    codebook_l2_norm: bool = True  # match by cosine similarity
+    codebook_show_usage: bool = True  # keep the last 65536 ids to report codebook usage
+    commit_loss_beta: float = 0.25
+    entropy_loss_ratio: float = 0.0  # official default: off
+    encoder_ch_mult: tuple = (1, 1, 2, 2, 4)  # one level per entry; stride 2**(levels-1)
+    decoder_ch_mult: tuple = (1, 1, 2, 2, 4)
+    z_channels: int = 256
+    dropout_p: float = 0.0
+    ch: int = 128
+    num_res_blocks: int = 2  # per encoder level (the decoder has one more)
+
+
+VQ_SIZES = {
+    'VQ-16': {},  # official vq_ds16_c2i: 72M params, stride 16
+    'VQ-8': dict(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),
+    'VQ-tiny': dict(codebook_size=512, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),
+                    z_channels=64, ch=32, num_res_blocks=1),  # stride 4: 32x32 -> 8x8 tokens
+}
+
+
+def Normalize(c):
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.dropout, self.conv2 = Normalize(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):  # one head over the h*w positions
+    def __init__(self, c):
+        super().__init__()
+        self.norm = Normalize(c)
+        self.q, self.k, self.v, self.proj_out = [nn.Conv2d(c, c, 1) for _ in range(4)]
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(y.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):  # pad right/bottom, then a stride-2 conv without padding (official)
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+def make_level(cin, cout, n_res, n_attn, resample, dropout):
+    """One resolution level: n_res ResnetBlocks (each followed by an AttnBlock when n_attn), then
+    an optional down/upsampling. Official key names: res.{j}, attn.{j}, downsample / upsample."""
+    level = nn.Module()
+    level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, dropout) for j in range(n_res))
+    level.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n_attn))
+    if resample is not None:
+        setattr(level, resample.__name__.lower(), resample(cout))
+    return level
+
+
+def run_level(level, h):
+    for j, res in enumerate(level.res):
+        h = res(h)
+        h = level.attn[j](h) if len(level.attn) else h
+    for name in ('downsample', 'upsample'):
+        h = getattr(level, name)(h) if hasattr(level, name) else h
+    return h
+
+
+def mid_block(c, dropout):
+    return nn.ModuleList([ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)])
+
+
+class Encoder(nn.Module):  # (B, 3, H, W) -> (B, z_channels, H/s, W/s); attention only at the last level
+    def __init__(self, cfg):
+        super().__init__()
+        mult, n = cfg.encoder_ch_mult, len(cfg.encoder_ch_mult)
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
+        chans = [cfg.ch] + [cfg.ch * m for m in mult]
+        self.conv_blocks = nn.ModuleList(
+            make_level(chans[i], chans[i + 1], cfg.num_res_blocks, cfg.num_res_blocks if i == n - 1 else 0,
+                       Downsample if i < n - 1 else None, cfg.dropout_p) for i in range(n))
+        self.mid = mid_block(chans[-1], cfg.dropout_p)
+        self.norm_out, self.conv_out = Normalize(chans[-1]), nn.Conv2d(chans[-1], cfg.z_channels, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.conv_blocks:
+            h = run_level(level, h)
+        for m in self.mid:
+            h = m(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):  # (B, z_channels, h, w) -> (B, 3, H, W); levels built coarse to fine
+    def __init__(self, cfg):
+        super().__init__()
+        mult, n = cfg.decoder_ch_mult, len(cfg.decoder_ch_mult)
+        chans = [cfg.ch * m for m in reversed(mult)]
+        self.conv_in = nn.Conv2d(cfg.z_channels, chans[0], 3, 1, 1)
+        self.mid = mid_block(chans[0], cfg.dropout_p)
+        self.conv_blocks = nn.ModuleList(
+            make_level(chans[max(i - 1, 0)], chans[i], cfg.num_res_blocks + 1, cfg.num_res_blocks + 1 if i == 0 else 0,
+                       Upsample if i < n - 1 else None, cfg.dropout_p) for i in range(n))
+        self.norm_out, self.conv_out = Normalize(chans[-1]), nn.Conv2d(chans[-1], 3, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for m in self.mid:
+            h = m(h)
+        for level in self.conv_blocks:
+            h = run_level(level, h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # no tanh: nominally in [-1, 1]
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        if cfg.codebook_l2_norm:
+            self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
+        if cfg.codebook_show_usage:  # a persistent buffer in the official state dict
+            self.register_buffer('codebook_used', torch.zeros(65536))
+
+    def codebook(self):  # (V, e)
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.cfg.codebook_l2_norm else w
+
+    def forward(self, z):
+        """z (B, e, h, w) -> z_q (B, e, h, w) straight-through, losses dict (training), ids (B, h, w)."""
+        z = z.permute(0, 2, 3, 1)  # (B, h, w, e)
+        z = F.normalize(z, dim=-1) if self.cfg.codebook_l2_norm else z
+        e, zf = self.codebook(), z.reshape(-1, z.shape[-1])
+        d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * zf @ e.t()  # (B*h*w, V) squared distances
+        ids = d.argmin(1)
+        z_q = e[ids].view(z.shape)
+        losses = {}
+        if self.training:
+            losses['vq'] = (z_q - z.detach()).pow(2).mean()  # moves codes towards the encoder
+            losses['commit'] = self.cfg.commit_loss_beta * (z_q.detach() - z).pow(2).mean()
+            if self.cfg.entropy_loss_ratio > 0:
+                losses['entropy'] = self.cfg.entropy_loss_ratio * entropy_loss(-d)
+            if self.cfg.codebook_show_usage:  # rolling window of the last 65536 ids
+                n = min(ids.numel(), 65536)
+                self.codebook_used.copy_(torch.cat([self.codebook_used[n:], ids[-n:].float()]))
+        z_q = z + (z_q - z).detach()  # straight-through estimator
+        return z_q.permute(0, 3, 1, 2), losses, ids.view(z.shape[:-1])
+
+    def usage(self):  # fraction of codes among the last 65536 ids
+        return torch.unique(self.codebook_used).numel() / self.cfg.codebook_size
+
+
+def entropy_loss(affinity, temperature=0.01):
+    """Low per-sample entropy, high entropy of the batch average: spreads usage over the codebook."""
+    p = F.softmax(affinity / temperature, dim=-1)
+    avg = p.mean(0)
+    sample_entropy = -(p * F.log_softmax(affinity / temperature, dim=-1)).sum(-1).mean()
+    return sample_entropy + (avg * torch.log(avg + 1e-5)).sum()
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+        self.stride = 2 ** (len(cfg.encoder_ch_mult) - 1)
+
+    def quantize_img(self, img):  # (B, 3, H, W) in [-1, 1] -> z_q, losses, ids (B, h, w)
+        return self.quantize(self.quant_conv(self.encoder(img)))
+
+    def encode(self, img):
+        return self.quantize_img(img)[2]
+
+    def decode(self, z_q):
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode_code(self, ids):
+        """ids (B, h, w), or (B, h*w) raster order from a generator -> image (B, 3, H, W) in ~[-1, 1]."""
+        if ids.dim() == 2:
+            g = int(ids.shape[1] ** 0.5)
+            ids = ids.view(-1, g, g)
+        return self.decode(self.quantize.codebook()[ids].permute(0, 3, 1, 2))
+
+    def forward(self, img):  # -> reconstruction, quantizer losses
+        z_q, losses, _ = self.quantize_img(img)
+        return self.decode(z_q), losses
+
+
+class PatchGAN(nn.Module):
+    """pix2pix NLayerDiscriminator: 4x4 convs, BatchNorm, LeakyReLU 0.2 -> a map of real/fake logits."""
+    def __init__(self, ndf=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+        for n in range(1, n_layers + 1):
+            c_out = ndf * min(2 ** n, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if n < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            c = c_out
+        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def hinge_d_loss(real, fake):
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
