@@ -54,7 +54,7 @@ def load_checkpoint(path, method=None, stage=None):
     except Exception as e:  # e.g. an UnpicklingError naming a refused global
         raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
     if (method and ckpt.get('method') != method) or (stage and ckpt.get('stage') != stage):
-        raise SystemExit(f'{path}: a {ckpt.get("method")} {ckpt.get("stage")} checkpoint, not a {method or ""} {stage or ""} one')
+        raise SystemExit(f'{path}: a {ckpt.get("method")} {ckpt.get("stage")} checkpoint, not a {" ".join(filter(None, (method, stage)))} one')
     return ckpt
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import vq
 from sample import load_checkpoint, load_tokenizer, save_checkpoint, save_grid, setup_ddp
 
-METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')
+METHODS = tuple(m for m in ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar') if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), m + '.py')))
 STAGE_DEFAULTS = {  # the classroom run on the built-in dataset; the README gives the paper commands
     'tokenizer': dict(model='VQ-tiny', lr=1e-3, global_batch_size=32, max_steps=500, warmup_steps=0),
     'generator': dict(model='GPT-tiny', lr=1e-3, global_batch_size=64, max_steps=3000, warmup_steps=100),
@@ -150,7 +150,8 @@ def extract_codes(tok, dataset, args, rank, world, device):
         dist.barrier() if dist.is_initialized() else None
         if rank == 0:
             parts = [torch.load(f'{path}.part{r}', weights_only=True) for r in range(world)]
-            save_checkpoint({k: torch.cat([p[k] for p in parts]) for k in ('codes', 'labels')}, path)
+            order = torch.cat([torch.arange(r, len(dataset), world) for r in range(world)]).argsort()  # dataset order
+            save_checkpoint({k: torch.cat([p[k] for p in parts])[order] for k in ('codes', 'labels')}, path)
             [os.remove(f'{path}.part{r}') for r in range(world)]
         dist.barrier() if dist.is_initialized() else None
     data = torch.load(path, weights_only=True)
@@ -177,11 +178,12 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
         cfg = config_from(module.Config, args, module.SIZES[args.model], vocab_size=tok.cfg.codebook_size,
                           num_classes=len(data.classes), block_size=per_sample)
     cfg = type(cfg)(**resume['config']) if resume else cfg
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and run
     model = (module.Tokenizer if stage == 'tokenizer' else module.Model)(cfg).to(device)
     if args.image_size % (tok or model).stride:
         raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the tokenizer stride {(tok or model).stride}')
     data = extract_codes(tok, data, args, rank, world, device) if stage == 'generator' else data
-    disc = vq.PatchGAN().to(device) if stage == 'tokenizer' else None
+    disc = vq.PatchGAN(n_layers=min(3, args.image_size.bit_length() - 3)).to(device) if stage == 'tokenizer' else None  # 2 below 32px
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     # optimizer: AdamW, weight decay on >= 2-D weights; none for the tokenizer (officially Adam)
     params, fused, wd = list(model.parameters()), device.type == 'cuda', args.weight_decay if stage == 'generator' else 0.0
@@ -200,10 +202,9 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     # loop
     loss_sum, t0, bar = torch.zeros((), device=device), time.time(), tqdm(total=total, initial=step, disable=not master)
     while step < total:
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # reproducible on resume and per rank
-        x, y = (t.to(device, non_blocking=True) for t in next(it))
-        lr = lr_at(step, total, args)
-        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr
+        x, y = (t.to(device, non_blocking=True) for t in next(it))  # (a new DataLoader draws from the RNG)
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # then reseed: resume-exact, per rank
+        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args)
         with autocast:
             if stage == 'tokenizer':  # random flip; L2 + quantizer losses (+ hinge generator loss)
                 x = x.float() / 127.5 - 1
@@ -225,15 +226,19 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-        update_ema(ema, model, args.ema) if ema is not None else None
+        if ema is not None:  # exponential moving average of the parameters; buffers are copied
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), params, 1 - args.ema)
+                [e.copy_(b) for e, b in zip(ema.buffers(), model.buffers())]
         loss_sum, step = loss_sum + loss.detach(), step + 1
         bar.update(1)
+        if (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == total) and not torch.stack(
+                [p.isfinite().all() for p in params]).all():  # a NaN/inf loss poisons the weights: keep the last good save
+            raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. Last good checkpoint: '
+                             f'{ckpt_path if os.path.exists(ckpt_path) else "none saved yet"}')
         if step % args.log_every == 0 or step == total:  # rank-averaged loss since the last log line
             dist.all_reduce(loss_sum) if dist.is_initialized() else None
             avg, dt = loss_sum.item() / (((step - 1) % args.log_every + 1) * world), time.time() - t0
-            if not math.isfinite(avg):  # stop before a bad checkpoint can replace the last good one
-                raise SystemExit(f'train.py: loss is {avg} at step {step}; stopped. Last good checkpoint: '
-                                 f'{ckpt_path if os.path.exists(ckpt_path) else "none saved yet"}')
             rec = {'step': step, 'loss': avg, 'lr': lr, 'elapsed': round(dt, 1), ('tokens/s' if per_sample > 1 else 'images/s'):
                    round((step - start) * args.global_batch_size * per_sample / max(dt, 1e-9), 1)}
             rec.update({'codebook usage': round(model.quantize.usage(), 4)} if stage == 'tokenizer' else {})
@@ -256,12 +261,6 @@ def lr_at(step, total, args):  # linear warmup, then constant or cosine to --end
     p = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
     lr = args.end_lr + (args.lr - args.end_lr) * 0.5 * (1 + math.cos(math.pi * p)) if args.lr_schedule == 'cosine' else args.lr
     return args.lr * (step + 1) / args.warmup_steps if step < args.warmup_steps else lr
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):  # parameters: exponential moving average; buffers: copied
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    [e.copy_(b) for e, b in zip(ema.buffers(), model.buffers())]
 
 
 @torch.no_grad()

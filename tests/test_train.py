@@ -1,0 +1,139 @@
+"""train.py and sample.py end to end at tiny sizes: training, resume exactness, 2-process DDP,
+sampling to PNG / .npz, and clear errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = ['--num-images', '64', '--image-size', '16']
+TOK = ['--stage', 'tokenizer', '--max-steps', '3', '--global-batch-size', '8', '--ch', '32', '--z-channels', '32',
+       '--encoder-ch-mult', '1', '2', '2', '--decoder-ch-mult', '1', '2', '2', '--codebook-size', '32',
+       '--num-res-blocks', '1', '--disc-start', '1', '--log-every', '1'] + DATA
+GEN = ['--dim', '32', '--n-layer', '2', '--n-head', '2', '--global-batch-size', '8', '--log-every', '1',
+       '--sample-every', '1000', '--ckpt-every', '1000'] + DATA
+
+
+def losses(run):
+    return [json.loads(line)['loss'] for line in open(os.path.join(run, 'log.jsonl'))]
+
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tok')
+    train.main(TOK + ['--run-dir', str(root / 'tok'), '--results-dir', str(root)])
+    return str(root / 'tok' / 'last.pt')
+
+
+def test_builtin_dataset_is_deterministic_and_balanced():
+    a, la = train.builtin_images(40, 32, seed=0)
+    b, lb = train.builtin_images(40, 32, seed=0)
+    c, _ = train.builtin_images(40, 32, seed=1)
+    assert a.shape == (40, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(la).tolist() == [4] * 10 and len(train.CLASSES) == 10
+    assert train.builtin_images(2, 256)[0].shape == (2, 256, 256, 3)
+
+
+def test_tokenizer_stage(tok):
+    ckpt = torch.load(tok, weights_only=True)
+    assert ckpt['stage'] == 'tokenizer' and ckpt['step'] == 3 and 'discriminator' in ckpt
+    assert len(losses(os.path.dirname(tok))) == 3
+    assert os.path.exists(os.path.join(os.path.dirname(tok), 'samples', '0000003.png'))
+
+
+def test_generator_trains_and_samples(tok, tmp_path):
+    run = tmp_path / 'gen'
+    train.main(GEN + ['--tokenizer', tok, '--max-steps', '4', '--run-dir', str(run), '--results-dir', str(tmp_path), '--ema', '0.9'])
+    ckpt = torch.load(run / 'last.pt', weights_only=True)  # a plain dict: the default weights_only load works
+    assert ckpt['method'] == 'llamagen' and ckpt['step'] == 4 and 'ema' in ckpt and ckpt['config']['block_size'] == 16
+    assert os.path.exists(run / 'samples' / '0000004.png') and len(losses(run)) == 4
+    out = tmp_path / 's.npz'
+    sample.main(['--ckpt', str(run / 'last.pt'), '--grid', str(tmp_path / 'g.png'), '--num-samples', '25',
+                 '--out', str(out), '--batch-size', '4', '--benchmark'])
+    npz = np.load(out)
+    assert npz['arr_0'].shape == (25, 16, 16, 3) and npz['arr_0'].dtype == np.uint8
+    assert np.bincount(npz['arr_1']).tolist() == [3] * 5 + [2] * 5  # class-balanced
+    assert Image.open(tmp_path / 'g.png').size == (8 * 18 + 2, 10 * 18 + 2)  # 10 classes x 8, 2-pixel gaps
+
+
+def test_resume_continues_the_exact_loss_sequence(tok, tmp_path):
+    args = GEN + ['--tokenizer', tok, '--results-dir', str(tmp_path), '--warmup-steps', '4']  # dropout on
+    train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])
+    train.main(args + ['--max-steps', '3', '--run-dir', str(tmp_path / 'b')])  # stop after 3 steps ...
+    train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'b'), '--resume', str(tmp_path / 'b' / 'last.pt')])
+    assert len(losses(tmp_path / 'a')) == 6 and losses(tmp_path / 'b') == losses(tmp_path / 'a')  # ... bit for bit
+    with pytest.raises(SystemExit, match='exists; pass --resume'):  # a finished run is not overwritten
+        train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])
+
+
+def test_ddp_two_processes_match_one(tok, tmp_path):
+    nodrop = ['--token-dropout-p', '0', '--resid-dropout-p', '0', '--ffn-dropout-p', '0', '--class-dropout-prob', '0',
+              '--cfg-scale', '1', '--tokenizer', tok, '--max-steps', '4']
+    train.main(GEN + nodrop + ['--run-dir', str(tmp_path / 'one'), '--results-dir', str(tmp_path / 'r1')])
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py')]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    subprocess.run(cmd + GEN + nodrop + ['--run-dir', str(tmp_path / 'two'), '--results-dir', str(tmp_path / 'r2')],
+                   check=True, env=env, capture_output=True, cwd=tmp_path)
+    one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
+    assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5  # one log line per step: rank 0 only
+    assert sorted(os.listdir(tmp_path / 'two')) == ['last.pt', 'log.jsonl', 'samples']
+    assert os.listdir(tmp_path / 'r2' / 'codes') == os.listdir(tmp_path / 'r1' / 'codes')  # shards joined, parts removed
+
+
+def folder(root, n=4, bad=False):
+    for c in ('cats', 'dogs'):
+        os.makedirs(root / c)
+        for i in range(n):
+            Image.fromarray(np.random.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    if bad:
+        (root / 'dogs' / 'broken.png').write_bytes(b'not a png at all')
+    return str(root)
+
+
+def test_image_folder_skips_unreadable_images(tok, tmp_path, capsys):
+    data = folder(tmp_path / 'data', bad=True)
+    train.main(GEN + ['--tokenizer', tok, '--data-path', data, '--max-steps', '1', '--global-batch-size', '4',
+                      '--run-dir', str(tmp_path / 'run'), '--results-dir', str(tmp_path), '--num-workers', '0'])
+    out = capsys.readouterr().out
+    assert 'skipping unreadable image' in out and 'broken.png' in out
+    ds = train.ImageFolder(data, 16)
+    assert ds.classes == ['cats', 'dogs'] and len(ds) == 9 and ds[8][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--data-path', 'missing-dir'], 'not a directory'),
+    (['--data-path', '{empty}'], 'no images'),
+    (['--image-size', '18'], 'not divisible by the tokenizer stride 4'),
+    (['--resume', '{tok}'], 'a llamagen tokenizer checkpoint, not a llamagen generator one'),
+])
+def test_bad_input_gives_one_clear_line(tok, tmp_path, extra, message):
+    os.makedirs(tmp_path / 'empty')
+    extra = [a.format(empty=tmp_path / 'empty', tok=tok) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        train.main(GEN + ['--tokenizer', tok, '--max-steps', '1', '--run-dir', str(tmp_path / 'r'), '--results-dir', str(tmp_path)] + extra)
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, tmp_path):
+    run = tmp_path / 'nan'
+    with pytest.raises(SystemExit) as e:
+        train.main(GEN + ['--tokenizer', tok, '--lr', '1e30', '--max-steps', '20', '--ckpt-every', '1',
+                          '--run-dir', str(run), '--results-dir', str(tmp_path)])
+    assert 'loss is nan or inf' in str(e.value) and f'Last good checkpoint: {run / "last.pt"}' in str(e.value)
+    ck = torch.load(run / 'last.pt', weights_only=True)
+    assert ck['step'] >= 1 and all(torch.isfinite(v).all() for v in ck['model'].values())
+
+
+def test_cli_errors_have_no_traceback(tok, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--ckpt', tok, '--grid', 'x.png'],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines() == [f'{tok}: a llamagen tokenizer checkpoint, not a generator one']
