@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from vq import VQConfig as TokenizerConfig, VQModel as Tokenizer  # noqa: F401 (the method contract)
 
 SIZES = {  # official depth / heads / width; head dim 64 (GPT-3B: 100)
-    'GPT-tiny': dict(n_layer=6, n_head=6, dim=192),  # CPU default for the built-in dataset
+    'GPT-tiny': dict(n_layer=4, n_head=4, dim=128),  # CPU default for the built-in dataset
     'GPT-B': dict(n_layer=12, n_head=12, dim=768),  # 111M
     'GPT-L': dict(n_layer=24, n_head=16, dim=1024),  # 343M
     'GPT-XL': dict(n_layer=36, n_head=20, dim=1280),  # 775M
@@ -37,9 +37,9 @@ SIZES = {  # official depth / heads / width; head dim 64 (GPT-3B: 100)
 
 @dataclass
 class Config:
-    dim: int = 192
-    n_layer: int = 6
-    n_head: int = 6
+    dim: int = 128
+    n_layer: int = 4
+    n_head: int = 4
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     rope_base: float = 10000.0
     norm_eps: float = 1e-5

@@ -27,8 +27,8 @@ from sample import load_checkpoint, load_tokenizer, save_checkpoint, save_grid, 
 
 METHODS = tuple(m for m in ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar') if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), m + '.py')))
 STAGE_DEFAULTS = {  # the classroom run on the built-in dataset; the README gives the paper commands
-    'tokenizer': dict(model='VQ-tiny', lr=1e-3, global_batch_size=32, max_steps=500, warmup_steps=0),
-    'generator': dict(model='GPT-tiny', lr=1e-3, global_batch_size=64, max_steps=3000, warmup_steps=100),
+    'tokenizer': dict(model='VQ-tiny', lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0),
+    'generator': dict(model='GPT-tiny', lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100),
 }
 
 # --- data: the built-in dataset ---------------------------------------------------------------------

@@ -38,8 +38,8 @@ class VQConfig:
 VQ_SIZES = {
     'VQ-16': {},  # official vq_ds16_c2i: 72M params, stride 16
     'VQ-8': dict(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),
-    'VQ-tiny': dict(codebook_size=512, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2),
-                    z_channels=64, ch=32, num_res_blocks=1),  # stride 4: 32x32 -> 8x8 tokens
+    'VQ-tiny': dict(codebook_size=512, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2),
+                    z_channels=64, ch=32, num_res_blocks=1),  # CPU default, stride 4: 32x32 -> 8x8 tokens
 }
 
 

@@ -137,3 +137,23 @@ def test_cli_errors_have_no_traceback(tok, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and 'Traceback' not in r.stderr
     assert r.stderr.strip().splitlines() == [f'{tok}: a llamagen tokenizer checkpoint, not a generator one']
+
+
+def test_official_checkpoints_sample(tmp_path):
+    """Files in the official layout (a state dict under 'model' next to a pickled argparse.Namespace)
+    load strictly through sample.py --official and sample."""
+    import argparse
+    import llamagen
+    import vq
+    tok = vq.VQModel(vq.VQConfig(**vq.VQ_SIZES['VQ-tiny']))
+    gpt = llamagen.Model(llamagen.Config(**llamagen.SIZES['GPT-tiny'], vocab_size=512, block_size=64, num_classes=10))
+    ns = argparse.Namespace(gpt_model='GPT-tiny', image_size=32)
+    torch.save({'model': tok.state_dict(), 'optimizer': {}, 'steps': 1, 'args': ns}, tmp_path / 'vq.pt')
+    torch.save({'model': gpt.state_dict(), 'steps': 1, 'args': ns}, tmp_path / 'gpt.pt')
+    sample.main(['--official', '--method', 'llamagen', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt', str(tmp_path / 'vq.pt'),
+                 '--model', 'GPT-tiny', '--vq-model', 'VQ-tiny', '--image-size', '32', '--num-classes', '10',
+                 '--grid', str(tmp_path / 'g.png'), '--classes', '3', '7', '--per-class', '2'])
+    assert Image.open(tmp_path / 'g.png').size == (2 * 34 + 2, 2 * 34 + 2)
+    with pytest.raises(SystemExit, match='not a checkpoint of this model/size'):  # another size: one clear line
+        sample.main(['--official', '--method', 'llamagen', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt',
+                     str(tmp_path / 'vq.pt'), '--model', 'GPT-B', '--vq-model', 'VQ-tiny', '--image-size', '32', '--grid', 'x.png'])
