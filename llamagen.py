@@ -234,8 +234,8 @@ class Model(nn.Module):
         logits = self.backbone(self.tok_dropout(x), self.rope(x.device)[: x.shape[1]])
         return logits, F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
-    def on_step(self, step, total_steps):
-        pass  # training schedules (NPP stages, RAR annealing); nothing in LlamaGen
+    def on_step(self, step, total_steps):  # training schedules (NPP stages, RAR annealing): called before
+        return None  # each step; a float return scales that step's learning rate. Nothing in LlamaGen.
 
     # --- generation -----------------------------------------------------------------------------
     def setup_cache(self, batch, S, dtype, device):  # preallocated once per generate

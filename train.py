@@ -204,7 +204,8 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     while step < total:
         x, y = (t.to(device, non_blocking=True) for t in next(it))  # (a new DataLoader draws from the RNG)
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # then reseed: resume-exact, per rank
-        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args)
+        scale = model.on_step(step, total) if stage == 'generator' else None  # method schedules; may scale the LR
+        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args) * (1.0 if scale is None else scale)
         with autocast:
             if stage == 'tokenizer':  # random flip; L2 + quantizer losses (+ hinge generator loss)
                 x = x.float() / 127.5 - 1
@@ -213,7 +214,6 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
                 loss = F.mse_loss(recon.float(), x) + sum(qloss.values())
                 loss = loss - args.disc_weight * ddp_disc(recon).float().mean() if step >= args.disc_start else loss
             else:
-                model.on_step(step, total)  # schedules (NPP stages, RAR annealing)
                 out = ddp_model(x, y)
                 loss = out[1] if isinstance(out, tuple) else out  # (logits, loss), or MAR's loss
         opt.zero_grad(set_to_none=True)
