@@ -154,9 +154,8 @@ def extract_codes(tok, dataset, args, rank, world, device):
             save_checkpoint({k: torch.cat([p[k] for p in parts])[order] for k in ('codes', 'labels')}, path)
             [os.remove(f'{path}.part{r}') for r in range(world)]
         dist.barrier() if dist.is_initialized() else None
-    data = torch.load(path, weights_only=True)
-    codes = data['codes'].flatten(0, 1).long()  # (2N, L)
-    return TensorDataset(codes, data['labels'].repeat_interleave(2))
+    data = torch.load(path, weights_only=True)  # codes (N, 2, L) -> (2N, L): each image and its flip
+    return TensorDataset(data['codes'].flatten(0, 1).long(), data['labels'].repeat_interleave(2))
 
 
 # --- one stage: output dir, model, EMA, optimizer, loop, checkpoint -----------------------------------
@@ -184,6 +183,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
         raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the tokenizer stride {(tok or model).stride}')
     data = extract_codes(tok, data, args, rank, world, device) if stage == 'generator' else data
     disc = vq.PatchGAN(n_layers=min(3, args.image_size.bit_length() - 3)).to(device) if stage == 'tokenizer' else None  # 2 below 32px
+    lpips = vq.LPIPS.load(*args.lpips.split(',')).to(device) if args.lpips and stage == 'tokenizer' else None
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     # optimizer: AdamW, weight decay on >= 2-D weights; none for the tokenizer (officially Adam)
     params, fused, wd = list(model.parameters()), device.type == 'cuda', args.weight_decay if stage == 'generator' else 0.0
@@ -211,7 +211,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
                 x = x.float() / 127.5 - 1
                 x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
                 recon, qloss = ddp_model(x)
-                loss = F.mse_loss(recon.float(), x) + sum(qloss.values())
+                loss = F.mse_loss(recon.float(), x) + sum(qloss.values()) + (0.0 if lpips is None else lpips(recon.float(), x).mean())
                 loss = loss - args.disc_weight * ddp_disc(recon).float().mean() if step >= args.disc_start else loss
             else:
                 out = ddp_model(x, y)
@@ -290,6 +290,7 @@ def parse_args(argv=None):
             ('num-images', 10000, 'size of the built-in dataset'), ('image-size', 32, None), ('seed', 0, None),
             ('end-lr', 1e-5, 'floor of the cosine schedule'), ('weight-decay', 0.05, None), ('ema', 0.0, 'EMA decay (0: none)'),
             ('disc-start', 20000, 'tokenizer: the step the PatchGAN loss starts'), ('disc-weight', 0.5, None),
+            ('lpips', '', 'tokenizer: perceptual loss from VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)'),
             ('cfg-scale', 2.0, 'for the sample grids'), ('num-workers', 8, 'image loading (ImageFolder)'),
             ('log-every', 100, None), ('sample-every', 1000, None), ('ckpt-every', 1000, None)):
         p.add_argument('--' + name, type=type(default), default=default, help=help)

@@ -260,3 +260,39 @@ class PatchGAN(nn.Module):
 
 def hinge_d_loss(real, fake):
     return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+class LPIPS(nn.Module):
+    """Perceptual distance (Zhang et al., arXiv:1801.03924) on VGG16 features, the official tokenizer's
+    perceptual loss. Nothing is downloaded: LPIPS.load takes torchvision's vgg16 weights (features.*)
+    and the LPIPS linear heads (lin0..lin4.model.1.weight, the `vgg.pth` of the LPIPS package)."""
+    VGG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
+    TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's numbering
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in self.VGG:
+            layers += [nn.MaxPool2d(2, 2)] if v == 'M' else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == 'M' else v
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1))
+        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1))
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def load(cls, vgg_path, lin_path):
+        m, vgg, lin = cls(), torch.load(vgg_path, weights_only=True), torch.load(lin_path, weights_only=True)
+        m.features.load_state_dict({k[9:]: v for k, v in vgg.items() if k.startswith('features.')})
+        m.lins.load_state_dict({f'{i}.weight': lin[f'lin{i}.model.1.weight'] for i in range(5)})
+        return m
+
+    def forward(self, x, y):  # images in [-1, 1] -> (B,) distances
+        h, d = (torch.cat([x, y]) - self.shift) / self.scale, 0.0
+        for i, layer in enumerate(self.features[:self.TAPS[-1] + 1]):
+            h = layer(h)
+            if i in self.TAPS:  # unit-normalise channels, squared difference, weighted by the head, averaged
+                a, b = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
+                d = d + self.lins[self.TAPS.index(i)]((a - b) ** 2).mean((2, 3))
+        return d.flatten()

@@ -189,3 +189,20 @@ def test_patchgan_and_hinge():
     assert d(torch.randn(2, 3, 32, 32)).shape == (2, 1, 2, 2)
     assert vq.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0
     assert vq.hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1
+
+
+def test_lpips_loads_user_weights_and_measures(tmp_path):
+    ref = vq.LPIPS()
+    vgg = {f'features.{k}': v.abs() for k, v in ref.features.state_dict().items()}  # torchvision layout
+    vgg['classifier.0.weight'] = torch.zeros(2, 2)  # torchvision's classifier is ignored
+    lin = {f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(vgg, tmp_path / 'vgg16.pth')
+    torch.save(lin, tmp_path / 'vgg.pth')
+    m = vq.LPIPS.load(tmp_path / 'vgg16.pth', tmp_path / 'vgg.pth')
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(m(x, x), torch.zeros(2)) and (m(x, y) > 0).all()
+    # the definition, written out for the first tap (relu1_2): unit-normalised channels, weighted squared difference
+    h = m.features[:4]((torch.cat([x, y]) - m.shift) / m.scale)
+    a, b = (h / (h.norm(dim=1, keepdim=True) + 1e-10)).chunk(2)
+    first = ((a - b) ** 2 * lin['lin0.model.1.weight']).sum(1).mean((1, 2))
+    assert (m(x, y) > first).all() and torch.allclose(m.lins[0]((a - b) ** 2).mean((2, 3)).flatten(), first, atol=1e-6)

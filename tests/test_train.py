@@ -157,3 +157,13 @@ def test_official_checkpoints_sample(tmp_path):
     with pytest.raises(SystemExit, match='not a checkpoint of this model/size'):  # another size: one clear line
         sample.main(['--official', '--method', 'llamagen', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt',
                      str(tmp_path / 'vq.pt'), '--model', 'GPT-B', '--vq-model', 'VQ-tiny', '--image-size', '32', '--grid', 'x.png'])
+
+
+def test_tokenizer_with_lpips_weights(tmp_path):
+    import vq
+    torch.save({f'features.{k}': v for k, v in vq.LPIPS().features.state_dict().items()}, tmp_path / 'vgg16.pth')
+    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / 'vgg.pth')
+    train.main(TOK + ['--max-steps', '2', '--run-dir', str(tmp_path / 'tok'), '--results-dir', str(tmp_path),
+                      '--lpips', f'{tmp_path / "vgg16.pth"},{tmp_path / "vgg.pth"}'])
+    assert len(losses(tmp_path / 'tok')) == 2
