@@ -235,7 +235,7 @@ class Model(nn.Module):
         return logits, F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
     def on_step(self, step, total_steps):  # training schedules (NPP stages, RAR annealing): called before
-        return None  # each step; a float return scales that step's learning rate. Nothing in LlamaGen.
+        return None  # each step; a float return sets that step's LR to --lr times it. Nothing in LlamaGen.
 
     # --- generation -----------------------------------------------------------------------------
     def setup_cache(self, batch, S, dtype, device):  # preallocated once per generate

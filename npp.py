@@ -19,7 +19,7 @@ Changes vs llamagen.py:
 Train: torchrun --nproc_per_node=8 train.py --method npp --model GPT-B --data-path ... --image-size 256 \
          --tokenizer vq_ds16_c2i.pt --epochs 300 --global-batch-size 256 --lr 1e-4 --warmup-steps 0 \
          --patch-level 2 --epoch-rate 0.5
-       (classroom: python train.py --method npp --warmup-steps 0)
+       (classroom: python train.py --method npp; on_step owns the LR schedule, train.py's warmup is skipped)
 Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook size.
 """
 import math

@@ -204,8 +204,8 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     while step < total:
         x, y = (t.to(device, non_blocking=True) for t in next(it))  # (a new DataLoader draws from the RNG)
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # then reseed: resume-exact, per rank
-        scale = model.on_step(step, total) if stage == 'generator' else None  # method schedules; may scale the LR
-        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args) * (1.0 if scale is None else scale)
+        scale = model.on_step(step, total) if stage == 'generator' else None  # a float: the method owns the LR schedule
+        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args) if scale is None else args.lr * scale
         with autocast:
             if stage == 'tokenizer':  # random flip; L2 + quantizer losses (+ hinge generator loss)
                 x = x.float() / 127.5 - 1

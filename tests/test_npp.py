@@ -112,14 +112,14 @@ def test_npp_checkpoint_samples_through_llamagen(tmp_path):
     # an official-layout file (state dict under 'model' + a pickled Namespace) through sample.py --official
     import vq
     tok = vq.VQModel(vq.VQConfig(**vq.VQ_SIZES['VQ-tiny']))
-    gpt = npp.Model(npp.Config(**npp.SIZES['GPT-tiny'], vocab_size=512, block_size=64, num_classes=10))
+    gpt = npp.Model(npp.Config(**npp.SIZES['GPT-tiny'], vocab_size=512, block_size=16, num_classes=10))
     ns = argparse.Namespace(gpt_model='GPT-tiny', patch_level=2, epoch_rate=0.5)
     torch.save({'model': tok.state_dict(), 'args': ns}, tmp_path / 'vq.pt')
     torch.save({'model': gpt.state_dict(), 'steps': 1, 'args': ns}, tmp_path / 'gpt.pt')
     sample.main(['--official', '--method', 'npp', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt', str(tmp_path / 'vq.pt'),
-                 '--model', 'GPT-tiny', '--vq-model', 'VQ-tiny', '--image-size', '32', '--num-classes', '10',
+                 '--model', 'GPT-tiny', '--vq-model', 'VQ-tiny', '--image-size', '16', '--num-classes', '10',
                  '--grid', str(tmp_path / 'g.png'), '--classes', '1', '2', '--per-class', '2'])
-    assert Image.open(tmp_path / 'g.png').size == (2 * 34 + 2, 2 * 34 + 2)
+    assert Image.open(tmp_path / 'g.png').size == (2 * 18 + 2, 2 * 18 + 2)
 
 
 def test_schedule_stages_and_lr():
