@@ -196,7 +196,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     step = start = resume['step'] if resume else 0
     ddp_model, ddp_disc = (DDP(m) if m is not None and dist.is_initialized() else m for m in (model, disc))
     it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, args.num_workers if args.data_path else 0)
-    total = args.max_steps if args.epochs is None else args.epochs * (len(data) // args.global_batch_size)
+    total = args.max_steps if args.epochs is None else args.epochs * (len(data) // (2 if tok else 1) // args.global_batch_size)  # epochs over images, not image + flip
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
     print(f'{stage}: {type(model).__name__} {sum(p.numel() for p in params) / 1e6:.2f}M params, {len(data)} samples, {total} steps, run {run}') if master else None
     # loop
