@@ -8,7 +8,8 @@ Sample a trained generator (ours or official): a PNG grid, or an ADM-style .npz 
   python sample.py --ckpt RUN/last.pt --benchmark                                   # images/s, forward calls
 The .npz holds arr_0 uint8 (N, H, W, 3) and arr_1 labels (N,), class-balanced, as the ADM evaluator reads it.
 """
-import argparse, importlib, math, os, time  # noqa: E401
+import argparse, importlib, inspect, math, os, time  # noqa: E401
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -58,12 +59,26 @@ def load_checkpoint(path, method=None, stage=None):
     return ckpt
 
 
-def load_tokenizer(path, module, size='VQ-16'):
-    """Our tokenizer checkpoint (EMA weights if any), or an official one of size vq.VQ_SIZES[size]."""
+def tokenizer_sizes(module):  # the paper size first, a CPU size ending in '-tiny'
+    return getattr(module, 'TOKENIZER_SIZES', vq.VQ_SIZES)
+
+
+def derived_fields(cls, tok, image_size, num_classes):
+    """The Config fields that the tokenizer and the data fix, by each method's official names."""
+    cfg = tok.cfg
+    known = dict(vocab_size=getattr(cfg, 'codebook_size', None), block_size=(image_size // tok.stride) ** 2,
+                 num_classes=num_classes, img_size=image_size, vae_stride=tok.stride,  # MAR
+                 vae_embed_dim=getattr(cfg, 'embed_dim', None), sub_vocab_size=getattr(cfg, 'codebook_size_second', None))  # IAR2
+    return {f.name: known[f.name] for f in fields(cls) if known.get(f.name) is not None}
+
+
+def load_tokenizer(path, module, size=None):
+    """Our tokenizer checkpoint (EMA weights if any), or an official one of size TOKENIZER_SIZES[size]."""
     ckpt = load_checkpoint(path)
     if ckpt.get('stage') != 'tokenizer':
-        from llamagen import load_official
-        return load_official(module.Tokenizer(module.TokenizerConfig(**vq.VQ_SIZES[size])), path)
+        sizes = tokenizer_sizes(module)
+        tok = module.Tokenizer(module.TokenizerConfig(**sizes[size or next(iter(sizes))]))
+        return module.load_official(tok, path)
     if ckpt['kind'] != module.Tokenizer.__name__:
         raise SystemExit(f'{path}: a {ckpt["kind"]} tokenizer; --method {module.__name__} needs a {module.Tokenizer.__name__}')
     tok = module.Tokenizer(module.TokenizerConfig(**ckpt['config']))
@@ -76,8 +91,7 @@ def load_generator(args):
     if args.official:
         module = importlib.import_module(args.method)
         tok = load_tokenizer(args.vq_ckpt, module, args.vq_model)
-        cfg = module.Config(**module.SIZES[args.model], vocab_size=tok.cfg.codebook_size,
-                            block_size=(args.image_size // tok.stride) ** 2, num_classes=args.num_classes)
+        cfg = module.Config(**module.SIZES[args.model], **derived_fields(module.Config, tok, args.image_size, args.num_classes))
         return module.load_official(module.Model(cfg), args.gpt_ckpt), tok
     ckpt = load_checkpoint(args.ckpt, args.method, 'generator')
     module = importlib.import_module(ckpt['method'])
@@ -89,8 +103,7 @@ def load_generator(args):
 @torch.inference_mode()
 def sample(model, tok, labels, args, generator):
     """labels (B,) -> images (B, 3, H, W) in [-1, 1], at --image-size-eval if given (bicubic, as official)."""
-    knobs = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    knobs.update(cfg_interval=args.cfg_interval) if args.cfg_interval != -1 else None  # LlamaGen's only
+    knobs = {k: getattr(args, k) for k in generate_knobs(type(model)) if getattr(args, k, None) is not None}
     with torch.autocast(labels.device.type, torch.bfloat16, enabled=args.precision == 'bf16'):
         out = model.generate(labels, generator=generator, **knobs)
         img = (tok.decode_code(*out) if isinstance(out, tuple) else tok.decode_code(out)).float()
@@ -99,15 +112,20 @@ def sample(model, tok, labels, args, generator):
     return img
 
 
+def generate_knobs(cls):  # keyword arguments of the method's generate, with their defaults
+    sig = inspect.signature(cls.generate)
+    return {k: v.default for k, v in sig.parameters.items() if v.default is not inspect.Parameter.empty and k != 'generator'}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     p.add_argument('--ckpt', help='our generator checkpoint (RUN/last.pt)')
     p.add_argument('--official', action='store_true', help='official files: --gpt-ckpt, --vq-ckpt, --model')
-    p.add_argument('--method', help='with --official: which method; otherwise checked against --ckpt')
+    p.add_argument('--method', choices=('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar'), help='with --official: which method; otherwise checked against --ckpt')
     p.add_argument('--gpt-ckpt')
     p.add_argument('--vq-ckpt')
     p.add_argument('--model', default='GPT-B', help='size of the official generator (the method SIZES)')
-    p.add_argument('--vq-model', default='VQ-16', help='size of the official tokenizer (vq.VQ_SIZES)')
+    p.add_argument('--vq-model', help='size of the official tokenizer (default: the first of the method TOKENIZER_SIZES)')
     p.add_argument('--image-size', type=int, default=256, help='official: the generator trained at this size')
     p.add_argument('--image-size-eval', type=int, help='resize samples to this size (official 384 -> 256 for FID)')
     p.add_argument('--num-classes', type=int, default=1000)
@@ -118,13 +136,16 @@ def parse_args(argv=None):
     p.add_argument('--out', default='samples.npz')
     p.add_argument('--batch-size', type=int, default=32, help='per process')
     p.add_argument('--benchmark', action='store_true', help='print images/s and forward calls per image')
-    p.add_argument('--cfg-scale', type=float, default=2.0)
-    p.add_argument('--cfg-interval', type=int, default=-1)
-    p.add_argument('--temperature', type=float, default=1.0)
-    p.add_argument('--top-k', type=int, default=0)
-    p.add_argument('--top-p', type=float, default=1.0)
     p.add_argument('--precision', choices=('fp32', 'bf16'), help='default: bf16 on GPU, fp32 on CPU')
     p.add_argument('--seed', type=int, default=0)
+    known = p.parse_known_args(argv)[0]  # the method's generate arguments become flags (default: the method's)
+    train_args = load_checkpoint(known.ckpt).get('args', {}) if known.ckpt else {}
+    method = known.method or train_args.get('method')
+    for k, v in generate_knobs(importlib.import_module(method).Model).items() if method else ():
+        kind = {tuple: float, type(None): float, bool: lambda s: s.lower() in ('1', 'true', 'yes')}.get(type(v), type(v))
+        p.add_argument('--' + k.replace('_', '-'), type=kind, nargs='+' if isinstance(v, tuple) else None, help=f'default {v}')
+    p.add_argument('-h', '--help', action='help')
+    p.set_defaults(cfg_scale=train_args.get('cfg_scale'))  # our checkpoints: the scale of the training grids
     args = p.parse_args(argv)
     if args.official and not (args.method and args.gpt_ckpt and args.vq_ckpt):
         p.error('--official needs --method, --gpt-ckpt and --vq-ckpt')

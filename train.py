@@ -23,12 +23,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import vq
-from sample import load_checkpoint, load_tokenizer, save_checkpoint, save_grid, setup_ddp
+from sample import derived_fields, load_checkpoint, load_tokenizer, save_checkpoint, save_grid, setup_ddp, tokenizer_sizes
 
 METHODS = tuple(m for m in ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar') if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), m + '.py')))
-STAGE_DEFAULTS = {  # the classroom run on the built-in dataset; the README gives the paper commands
-    'tokenizer': dict(model='VQ-tiny', lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0),
-    'generator': dict(model='GPT-tiny', lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100),
+STAGE_DEFAULTS = {  # the classroom run on the built-in dataset (model: the method's size ending in 'tiny')
+    'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0),
+    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100),
 }
 
 # --- data: the built-in dataset ---------------------------------------------------------------------
@@ -104,8 +104,7 @@ class ImageFolder(Dataset):
             raise SystemExit(f'train.py: --data-path {root}: no images (expected one sub-folder of images per class)')
         self.key = os.path.basename(os.path.normpath(root)) + '-' + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
 
-    def __len__(self):
-        return len(self.samples)
+    def __len__(self): return len(self.samples)  # noqa: E704
 
     def __getitem__(self, i):  # -> uint8 (3, H, W), label; an unreadable image is reported and replaced by the next
         for path, y in (self.samples[j % len(self.samples)] for j in range(i, i + 20)):
@@ -144,7 +143,8 @@ def extract_codes(tok, dataset, args, rank, world, device):
         codes, labels = [], []
         for x, y in DataLoader(Subset(dataset, range(rank, len(dataset), world)), 64):
             x = x.to(device).float() / 127.5 - 1
-            codes.append(torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1).flatten(2).cpu().int())  # (B, 2, L)
+            c = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (B, 2, ...): ids (h, w), IAR2 (2, h, w), MAR moments
+            codes.append((c if c.is_floating_point() else c.flatten(2).int()).cpu())  # ids -> (B, 2, L) raster order
             labels.append(y)
         torch.save({'codes': torch.cat(codes), 'labels': torch.cat(labels)}, f'{path}.part{rank}')
         dist.barrier() if dist.is_initialized() else None
@@ -154,8 +154,8 @@ def extract_codes(tok, dataset, args, rank, world, device):
             save_checkpoint({k: torch.cat([p[k] for p in parts])[order] for k in ('codes', 'labels')}, path)
             [os.remove(f'{path}.part{r}') for r in range(world)]
         dist.barrier() if dist.is_initialized() else None
-    data = torch.load(path, weights_only=True)  # codes (N, 2, L) -> (2N, L): each image and its flip
-    return TensorDataset(data['codes'].flatten(0, 1).long(), data['labels'].repeat_interleave(2))
+    data = torch.load(path, weights_only=True)  # codes (N, 2, ...) -> (2N, ...): each image and its flip
+    return TensorDataset(data['codes'].flatten(0, 1), data['labels'].repeat_interleave(2))
 
 
 # --- one stage: output dir, model, EMA, optimizer, loop, checkpoint -----------------------------------
@@ -170,12 +170,9 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     resume = load_checkpoint(args.resume, args.method, stage) if args.resume else None
     os.makedirs(os.path.join(run, 'samples'), exist_ok=True) if master else None
     # model (its config from the checkpoint when resuming); the tokenizer stage adds a PatchGAN
-    if stage == 'tokenizer':
-        cfg, per_sample = config_from(module.TokenizerConfig, args, vq.VQ_SIZES[args.model]), 1
-    else:
-        per_sample = (args.image_size // tok.stride) ** 2  # tokens per image
-        cfg = config_from(module.Config, args, module.SIZES[args.model], vocab_size=tok.cfg.codebook_size,
-                          num_classes=len(data.classes), block_size=per_sample)
+    per_sample = 1 if tok is None else (args.image_size // tok.stride) ** 2  # tokens per image
+    cfg = (config_from(module.TokenizerConfig, args, tokenizer_sizes(module)[args.model]) if stage == 'tokenizer' else
+           config_from(module.Config, args, module.SIZES[args.model], **derived_fields(module.Config, tok, args.image_size, len(data.classes))))
     cfg = type(cfg)(**resume['config']) if resume else cfg
     torch.manual_seed(args.seed)  # the same initial weights on every rank and run
     model = (module.Tokenizer if stage == 'tokenizer' else module.Model)(cfg).to(device)
@@ -185,11 +182,10 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     disc = vq.PatchGAN(n_layers=min(3, args.image_size.bit_length() - 3)).to(device) if stage == 'tokenizer' else None  # 2 below 32px
     lpips = vq.LPIPS.load(*args.lpips.split(',')).to(device) if args.lpips and stage == 'tokenizer' else None
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
-    # optimizer: AdamW, weight decay on >= 2-D weights; none for the tokenizer (officially Adam)
+    # optimizer: AdamW, weight decay on >= 2-D weights but MAR's DiffLoss (official); none for tokenizers (officially Adam)
     params, fused, wd = list(model.parameters()), device.type == 'cuda', args.weight_decay if stage == 'generator' else 0.0
-    opt = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': wd},
-                             {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=fused)
+    opt = torch.optim.AdamW([{'params': [p for n, p in model.named_parameters() if (p.dim() >= 2 and 'diffloss' not in n) == d],
+                              'weight_decay': w} for d, w in ((True, wd), (False, 0.0))], lr=args.lr, betas=(0.9, 0.95), fused=fused)
     opt_d = torch.optim.AdamW(disc.parameters(), args.lr, (0.9, 0.95), weight_decay=0.0, fused=fused) if disc else None
     state = dict(model=model, optimizer=opt, ema=ema, discriminator=disc, optimizer_disc=opt_d)  # what we checkpoint
     [obj.load_state_dict(resume[k]) for k, obj in state.items() if resume and obj is not None]
@@ -204,7 +200,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     while step < total:
         x, y = (t.to(device, non_blocking=True) for t in next(it))  # (a new DataLoader draws from the RNG)
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # then reseed: resume-exact, per rank
-        scale = model.on_step(step, total) if stage == 'generator' else None  # a float: the method owns the LR schedule
+        scale = model.on_step(step, total)  # schedules of the method; a float: it owns the LR schedule
         opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args) if scale is None else args.lr * scale
         with autocast:
             if stage == 'tokenizer':  # random flip; L2 + quantizer losses (+ hinge generator loss)
@@ -213,12 +209,12 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
                 recon, qloss = ddp_model(x)
                 loss = F.mse_loss(recon.float(), x) + sum(qloss.values()) + (0.0 if lpips is None else lpips(recon.float(), x).mean())
                 loss = loss - args.disc_weight * ddp_disc(recon).float().mean() if step >= args.disc_start else loss
-            else:
-                out = ddp_model(x, y)
+            else:  # MAR: cached posterior moments -> a fresh latent sample each step, as official
+                out = ddp_model(tok.sample(x) if x.is_floating_point() else x.long(), y)
                 loss = out[1] if isinstance(out, tuple) else out  # (logits, loss), or MAR's loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # official clip
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         if disc is not None and step >= args.disc_start:  # discriminator: real vs detached fakes
             with autocast:
@@ -241,7 +237,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
             avg, dt = loss_sum.item() / (((step - 1) % args.log_every + 1) * world), time.time() - t0
             rec = {'step': step, 'loss': avg, 'lr': lr, 'elapsed': round(dt, 1), ('tokens/s' if per_sample > 1 else 'images/s'):
                    round((step - start) * args.global_batch_size * per_sample / max(dt, 1e-9), 1)}
-            rec.update({'codebook usage': round(model.quantize.usage(), 4)} if stage == 'tokenizer' else {})
+            rec.update({'codebook usage': round(model.quantize.usage(), 4)} if hasattr(model, 'quantize') else {})
             if master:
                 bar.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
                 print(json.dumps(rec), file=open(os.path.join(run, 'log.jsonl'), 'a'), flush=True)
@@ -274,10 +270,10 @@ def grid(model, x, tok, args, path):  # tokenizer: 8 images over their reconstru
 
 # --- command line: the method's Config fields become flags through one visible loop ---------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     p.add_argument('--method', choices=METHODS, default='llamagen')
     p.add_argument('--stage', choices=('tokenizer', 'generator'), default='generator')
-    p.add_argument('--model', help='size: the method SIZES (generator) or vq.VQ_SIZES (tokenizer)')
+    p.add_argument('--model', help="size: the method's SIZES (generator) or TOKENIZER_SIZES (tokenizer); default: its '-tiny' one")
     p.add_argument('--data-path', help='ImageFolder root (default: the built-in dataset)')
     p.add_argument('--tokenizer', help='tokenizer checkpoint, ours or official (default: train one, cache it)')
     p.add_argument('--results-dir', default='results')
@@ -289,7 +285,7 @@ def parse_args(argv=None):
     for name, default, help in (
             ('num-images', 10000, 'size of the built-in dataset'), ('image-size', 32, None), ('seed', 0, None),
             ('end-lr', 1e-5, 'floor of the cosine schedule'), ('weight-decay', 0.05, None), ('ema', 0.0, 'EMA decay (0: none)'),
-            ('disc-start', 20000, 'tokenizer: the step the PatchGAN loss starts'), ('disc-weight', 0.5, None),
+            ('disc-start', 20000, 'tokenizer: the step the PatchGAN loss starts'), ('disc-weight', 0.5, None), ('grad-clip', 1.0, 'MAR: 3.0'),
             ('lpips', '', 'tokenizer: perceptual loss from VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)'),
             ('cfg-scale', 2.0, 'for the sample grids'), ('num-workers', 8, 'image loading (ImageFolder)'),
             ('log-every', 100, None), ('sample-every', 1000, None), ('ckpt-every', 1000, None)):
@@ -302,9 +298,12 @@ def parse_args(argv=None):
             kind = type(f.default)
             p.add_argument('--' + f.name.replace('_', '-'), nargs='+' if kind is tuple else None, help=f'config (default {f.default})',
                            type={bool: lambda s: s.lower() in ('1', 'true', 'yes'), tuple: int}.get(kind, kind))
+    p.add_argument('-h', '--help', action='help')
     args = p.parse_args(argv)
     for k, v in STAGE_DEFAULTS[args.stage].items():  # unset stage flags take the classroom defaults
         setattr(args, k, v) if getattr(args, k) is None else None
+    sizes = module.SIZES if args.stage == 'generator' else tokenizer_sizes(module)
+    args.model = args.model or next(k for k in sizes if k.endswith('tiny'))  # the method's CPU size
     return args, module
 
 
@@ -324,8 +323,9 @@ def main(argv=None):
         return train_stage(args, module, 'tokenizer', data, rank, world, device)
     if args.tokenizer is None:  # the method's default tokenizer for this dataset, trained once and cached
         targs = argparse.Namespace(**{**vars(args), **STAGE_DEFAULTS['tokenizer'], 'resume': None, 'epochs': None, 'ema': 0.0})
-        targs.model = 'VQ-16' if args.data_path else targs.model
-        key = hashlib.sha1(repr(config_from(module.TokenizerConfig, targs, vq.VQ_SIZES[targs.model])).encode()).hexdigest()[:8]
+        sizes = tokenizer_sizes(module)
+        targs.model = next(iter(sizes)) if args.data_path else next(k for k in sizes if k.endswith('tiny'))  # paper size first
+        key = hashlib.sha1(repr(config_from(module.TokenizerConfig, targs, sizes[targs.model])).encode()).hexdigest()[:8]
         targs.run_dir = os.path.join(args.results_dir, 'tokenizers', f'{module.Tokenizer.__name__}-{data.key}-{args.image_size}px-{key}')
         args.tokenizer = os.path.join(targs.run_dir, 'last.pt')
         if not os.path.exists(args.tokenizer):

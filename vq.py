@@ -235,6 +235,9 @@ class VQModel(nn.Module):
         z_q, losses, _ = self.quantize_img(img)
         return self.decode(z_q), losses
 
+    def on_step(self, step, total_steps):  # tokenizer training schedules (IAR2's codebook cycle); none here
+        return None
+
 
 class PatchGAN(nn.Module):
     """pix2pix NLayerDiscriminator: 4x4 convs, BatchNorm, LeakyReLU 0.2 -> a map of real/fake logits."""
