@@ -1,5 +1,4 @@
-"""
-Train a tokenizer or a generator, on 1 process or N (torchrun), on the built-in dataset or an ImageFolder.
+"""Train a tokenizer or a generator, on 1 process or N (torchrun), on the built-in dataset or an ImageFolder.
 
   python train.py --method llamagen                       # classroom run: built-in 32x32 data, CPU
   torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B --data-path /imagenet/train \
@@ -28,8 +27,7 @@ from sample import derived_fields, load_checkpoint, load_tokenizer, save_checkpo
 METHODS = tuple(m for m in ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar') if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), m + '.py')))
 STAGE_DEFAULTS = {  # the classroom run on the built-in dataset (model: the method's size ending in 'tiny')
     'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0),
-    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100),
-}
+    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100)}
 
 # --- data: the built-in dataset ---------------------------------------------------------------------
 CLASSES = ('red disk', 'blue square', 'green triangle', 'yellow ring', 'magenta cross',
@@ -47,10 +45,8 @@ def render(index, size=32, seed=0):
     img = Image.new('RGB', (s, s), bg)
     d, r, (cx, cy) = ImageDraw.Draw(img), s * rng.uniform(0.16, 0.3), s * rng.uniform(0.32, 0.68, 2)
     box, w = [cx - r, cy - r, cx + r, cy + r], r * 0.35
-    if label == 0:
-        d.ellipse(box, fill=fg)
-    elif label == 1:
-        d.rectangle(box, fill=fg)
+    if label in (0, 1):
+        (d.ellipse if label == 0 else d.rectangle)(box, fill=fg)
     elif label == 2:
         d.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fg)
     elif label == 3:
@@ -97,9 +93,8 @@ class ImageFolder(Dataset):
         if not os.path.isdir(root):
             raise SystemExit(f'train.py: --data-path {root}: not a directory')
         self.root, self.size, self.classes = root, size, sorted(e.name for e in os.scandir(root) if e.is_dir())
-        ext = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.jfif')
-        self.samples = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
-                        for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(ext)]
+        self.samples = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes) for f in sorted(os.listdir(os.path.join(root, c)))
+                        if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.jfif'))]
         if not self.samples:
             raise SystemExit(f'train.py: --data-path {root}: no images (expected one sub-folder of images per class)')
         self.key = os.path.basename(os.path.normpath(root)) + '-' + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
@@ -195,8 +190,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     total = args.max_steps if args.epochs is None else args.epochs * (len(data) // (2 if tok else 1) // args.global_batch_size)  # epochs over images, not image + flip
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
     print(f'{stage}: {type(model).__name__} {sum(p.numel() for p in params) / 1e6:.2f}M params, {len(data)} samples, {total} steps, run {run}') if master else None
-    # loop
-    loss_sum, t0, bar = torch.zeros((), device=device), time.time(), tqdm(total=total, initial=step, disable=not master)
+    loss_sum, t0, bar = torch.zeros((), device=device), time.time(), tqdm(total=total, initial=step, disable=not master)  # loop
     while step < total:
         x, y = (t.to(device, non_blocking=True) for t in next(it))  # (a new DataLoader draws from the RNG)
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # then reseed: resume-exact, per rank
@@ -230,8 +224,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
         bar.update(1)
         if (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == total) and not torch.stack(
                 [p.isfinite().all() for p in params]).all():  # a NaN/inf loss poisons the weights: keep the last good save
-            raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. Last good checkpoint: '
-                             f'{ckpt_path if os.path.exists(ckpt_path) else "none saved yet"}')
+            raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else "none"}')
         if step % args.log_every == 0 or step == total:  # rank-averaged loss since the last log line
             dist.all_reduce(loss_sum) if dist.is_initialized() else None
             avg, dt = loss_sum.item() / (((step - 1) % args.log_every + 1) * world), time.time() - t0
@@ -241,6 +234,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
             if master:
                 bar.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
                 print(json.dumps(rec), file=open(os.path.join(run, 'log.jsonl'), 'a'), flush=True)
+                save_curve(os.path.join(run, 'log.jsonl'), os.path.join(run, 'loss.png'))
             loss_sum.zero_()
         if master and (step % args.sample_every == 0 or step == total):
             grid(model if ema is None else ema, x, tok, args, os.path.join(run, 'samples', f'{step:07d}.png'))
@@ -257,6 +251,14 @@ def lr_at(step, total, args):  # linear warmup, then constant or cosine to --end
     p = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
     lr = args.end_lr + (args.lr - args.end_lr) * 0.5 * (1 + math.cos(math.pi * p)) if args.lr_schedule == 'cosine' else args.lr
     return args.lr * (step + 1) / args.warmup_steps if step < args.warmup_steps else lr
+
+
+def save_curve(log, path):  # the loss of a log.jsonl as a PNG (PIL only), to compare runs by eye
+    steps, loss = np.array([(r['step'], r['loss']) for r in map(json.loads, open(log))]).T
+    lo, hi, d = loss.min(), loss.max(), ImageDraw.Draw(img := Image.new('RGB', (480, 240), 'white'))
+    d.line([(50 + 420 * s / steps[-1], 225 - 200 * (v - lo) / max(hi - lo, 1e-12)) for s, v in zip(steps, loss)], fill=(200, 30, 30), width=2)
+    [d.text(xy, t, fill='black') for xy, t in (((2, 20), f'{hi:.4g}'), ((2, 220), f'{lo:.4g}'), ((380, 228), f'step {steps[-1]:.0f}'))]
+    img.save(path)
 
 
 @torch.no_grad()
@@ -291,13 +293,11 @@ def parse_args(argv=None):
             ('log-every', 100, None), ('sample-every', 1000, None), ('ckpt-every', 1000, None)):
         p.add_argument('--' + name, type=type(default), default=default, help=help)
     module = importlib.import_module(p.parse_known_args(argv)[0].method)
-    seen = {a.dest for a in p._actions} | {'vocab_size', 'block_size', 'num_classes'}  # derived from the data
-    for f in fields(module.Config) + fields(module.TokenizerConfig):  # config fields -> --flags
-        if f.name not in seen:
-            seen.add(f.name)
-            kind = type(f.default)
-            p.add_argument('--' + f.name.replace('_', '-'), nargs='+' if kind is tuple else None, help=f'config (default {f.default})',
-                           type={bool: lambda s: s.lower() in ('1', 'true', 'yes'), tuple: int}.get(kind, kind))
+    seen = {a.dest for a in p._actions} | {'vocab_size', 'block_size', 'num_classes', 'img_size', 'vae_stride', 'vae_embed_dim', 'sub_vocab_size'}  # derived
+    for f in {f.name: f for f in fields(module.TokenizerConfig) + fields(module.Config) if f.name not in seen}.values():  # config fields -> --flags
+        kind = type(f.default)
+        p.add_argument('--' + f.name.replace('_', '-'), nargs='+' if kind is tuple else None, help=f'config (default {f.default})',
+                       type={bool: lambda s: s.lower() in ('1', 'true', 'yes'), tuple: int}.get(kind, kind))
     p.add_argument('-h', '--help', action='help')
     args = p.parse_args(argv)
     for k, v in STAGE_DEFAULTS[args.stage].items():  # unset stage flags take the classroom defaults

@@ -84,7 +84,8 @@ def test_ddp_two_processes_match_one(tok, tmp_path):
                    check=True, env=env, capture_output=True, cwd=tmp_path)
     one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
     assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5  # one log line per step: rank 0 only
-    assert sorted(os.listdir(tmp_path / 'two')) == ['last.pt', 'log.jsonl', 'samples']
+    assert sorted(os.listdir(tmp_path / 'two')) == ['last.pt', 'log.jsonl', 'loss.png', 'samples']
+    assert Image.open(tmp_path / 'two' / 'loss.png').size == (480, 240)  # the loss curve, redrawn at each log line
     assert os.listdir(tmp_path / 'r2' / 'codes') == os.listdir(tmp_path / 'r1' / 'codes')  # shards joined, parts removed
 
 
