@@ -185,7 +185,8 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
     state = dict(model=model, optimizer=opt, ema=ema, discriminator=disc, optimizer_disc=opt_d)  # what we checkpoint
     [obj.load_state_dict(resume[k]) for k, obj in state.items() if resume and obj is not None]
     step = start = resume['step'] if resume else 0
-    ddp_model, ddp_disc = (DDP(m) if m is not None and dist.is_initialized() else m for m in (model, disc))
+    ddp_model, ddp_disc = (DDP(m, find_unused_parameters=stage == 'tokenizer') if m is not None and dist.is_initialized() else m
+                           for m in (model, disc))  # (IAR2's tokenizer leaves a codebook unused on some steps)
     it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, args.num_workers if args.data_path else 0)
     total = args.max_steps if args.epochs is None else args.epochs * (len(data) // (2 if tok else 1) // args.global_batch_size)  # epochs over images, not image + flip
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
@@ -198,8 +199,7 @@ def train_stage(args, module, stage, data, rank, world, device, tok=None):
         opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args) if scale is None else args.lr * scale
         with autocast:
             if stage == 'tokenizer':  # random flip; L2 + quantizer losses (+ hinge generator loss)
-                x = x.float() / 127.5 - 1
-                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x).float() / 127.5 - 1
                 recon, qloss = ddp_model(x)
                 loss = F.mse_loss(recon.float(), x) + sum(qloss.values()) + (0.0 if lpips is None else lpips(recon.float(), x).mean())
                 loss = loss - args.disc_weight * ddp_disc(recon).float().mean() if step >= args.disc_start else loss
