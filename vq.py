@@ -12,7 +12,7 @@ VQConfig fields keep the official names; VQ_SIZES['VQ-16'] is the official vq_ds
 (its state dict loads strictly), 'VQ-tiny' the CPU default for the built-in 32x32 dataset.
 Shapes: B batch, C channels, h*w token grid, V codebook size.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -237,6 +237,40 @@ class VQModel(nn.Module):
 
     def on_step(self, step, total_steps):  # tokenizer training schedules (IAR2's codebook cycle); none here
         return None
+
+
+@dataclass
+class KLConfig(VQConfig):  # LDM's AutoencoderKL (MAR's kl16 by default): VQConfig's encoder/decoder, no codebook
+    z_channels: int = 16  # the encoder outputs 2 * z_channels: mean and log variance
+    embed_dim: int = 16  # latent channels C
+    kl_weight: float = 1e-6  # LDM kl-f16's weight, relative to the reconstruction loss per pixel value
+    scale_factor: float = 0.2325  # latents * this: std ~1 (kl16: 1/std on ImageNet; ours: the last training batch's)
+
+
+KL_SIZES = {'KL-16': {}, 'KL-tiny': {**VQ_SIZES['VQ-tiny'], 'z_channels': 4, 'embed_dim': 4, 'kl_weight': 1e-4}}  # CPU: 8x8x4
+
+
+class KLModel(nn.Module):  # a diagonal Gaussian per position instead of a code; kl16 loads via mar.load_official
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.stride = cfg, 2 ** (len(cfg.encoder_ch_mult) - 1)
+        self.encoder, self.decoder = Encoder(replace(cfg, z_channels=2 * cfg.z_channels)), Decoder(cfg)
+        [setattr(level, 'attn', nn.ModuleList()) for level in self.decoder.conv_blocks]  # kl16: attention in mid only
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1), nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    on_step = VQModel.on_step  # no schedule; encode: (B, 3, H, W) in [-1, 1] -> moments (B, 2C, h, w), mean and log variance
+    def encode(self, img): return self.quant_conv(self.encoder(img))  # noqa: E301, E704
+    def decode_code(self, z): return self.decoder(self.post_quant_conv(z / self.cfg.scale_factor))  # noqa: E704 (-> [-1, 1])
+
+    def sample(self, moments):  # -> a fresh posterior draw (B, C, h, w) times scale_factor
+        mean, logvar = moments.chunk(2, dim=1)
+        return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * self.cfg.scale_factor
+
+    def forward(self, img):  # -> reconstruction, {'kl': weight * KL(posterior || N(0, I)) per pixel value}
+        (mean, logvar), z = (moments := self.encode(img)).chunk(2, dim=1), self.sample(moments) / self.cfg.scale_factor
+        self.cfg.scale_factor = 1.0 / z.detach().float().std().item() if self.training else self.cfg.scale_factor
+        kl = 0.5 * (mean ** 2 + logvar.clamp(-30, 20).exp() - 1 - logvar.clamp(-30, 20)).sum((1, 2, 3)).mean()
+        return self.decoder(self.post_quant_conv(z)), {'kl': self.cfg.kl_weight * kl / img[0].numel()}
 
 
 class PatchGAN(nn.Module):

@@ -1,0 +1,294 @@
+"""
+MAR: "Autoregressive Image Generation without Vector Quantization" (Li et al., 2024), arXiv:2406.11838.
+Official code: LTH14/mar.
+
+Idea: keep autoregression, drop the codebook. Tokens are continuous vectors (the C channels of a KL-VAE
+latent at one position), and each token's distribution p(x | z) is modelled by a small diffusion MLP
+(DiffLoss, diffloss.py) conditioned on the transformer's output z for that position, in place of a
+softmax over a vocabulary. The transformer is a bidirectional MAE-style encoder-decoder trained by
+masked prediction: a random fraction (70-100%) of the tokens is hidden, the encoder sees only the
+visible ones (plus 64 "buffer" positions holding the class embedding), the decoder fills the hidden
+positions with a mask token, and DiffLoss is trained on the hidden tokens. Sampling is masked
+autoregression in a random order: start fully masked, and over num_iter steps reveal tokens along a
+cosine schedule, each step sampling all its tokens at once by reverse diffusion.
+
+Changes vs llamagen.py:
+  - tokens are continuous latents (vq.KLModel), not codebook ids; the head is DiffLoss, not a Linear
+  - bidirectional attention (the core's attend with an all-True mask), timm-style blocks (LayerNorm,
+    biases, GELU), learned absolute position embeddings instead of RoPE, no KV cache
+  - the class embedding fills 64 buffer positions; CFG's null class is the learned fake_latent
+  - forward: one masked-prediction step (random order, truncated-normal mask ratio), loss = DiffLoss
+  - generate: cosine mask schedule over num_iter steps, random order, linear/constant CFG schedule
+Train (classroom, built-in data, CPU): python train.py --method mar
+Paper (MAR-B): torchrun --nproc_per_node=8 train.py --method mar --model mar_base --data-path ... \
+    --image-size 256 --tokenizer kl16.ckpt --epochs 800 --global-batch-size 2048 --lr 8e-4 \
+    --warmup-steps 62500 --weight-decay 0.02 --grad-clip 3.0 --ema 0.9999   (warmup: 100 epochs of 625 steps)
+Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook size;
+here also L = h*w tokens, Ct token channels (vae_embed_dim * patch_size^2), P buffer positions.
+"""
+import argparse
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llamagen
+from diffloss import DiffLoss
+from vq import KL_SIZES as TOKENIZER_SIZES, KLConfig as TokenizerConfig, KLModel as Tokenizer  # noqa: F401
+
+SIZES = {  # official encoder/decoder depth and width, DiffLoss of the released models (README)
+    'mar_tiny': dict(encoder_embed_dim=128, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
+                     decoder_num_heads=4, buffer_size=16, diffloss_d=3, diffloss_w=128, num_sampling_steps=50,
+                     diffusion_batch_mul=2, clip_denoised=10.0),  # CPU default, built-in data: 64 tokens, 16 buffer
+    'mar_base': dict(diffloss_d=6, diffloss_w=1024),  # 208M
+    'mar_large': dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
+                      decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),  # 479M
+    'mar_huge': dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
+                     decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),  # 943M
+}
+
+
+@dataclass
+class Config:  # official names (models/mar.py); defaults: MAR-B with the constructor's DiffLoss
+    img_size: int = 256  # the next three come from the data and tokenizer (train.py sets them)
+    vae_stride: int = 16
+    vae_embed_dim: int = 16  # latent channels
+    patch_size: int = 1  # latent pixels per token side
+    num_classes: int = 1000
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    mlp_ratio: float = 4.0
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    buffer_size: int = 64  # class-embedding positions in front of the sequence (paper 64)
+    mask_ratio_min: float = 0.7  # training mask ratio ~ N(1, 0.25) truncated to [0.7, 1]
+    label_drop_prob: float = 0.1  # class -> fake_latent, for classifier-free guidance
+    diffloss_d: int = 3  # MLP blocks (paper: 3 in ablations; 6 / 8 / 12 for the released B / L / H)
+    diffloss_w: int = 1024  # MLP width (paper: 1024; 1024 / 1280 / 1536 for B / L / H)
+    num_sampling_steps: int = 100  # respaced diffusion steps when sampling (paper 100)
+    diffusion_batch_mul: int = 4  # DiffLoss draws per token and step, reusing z (official README: 4)
+    clip_denoised: float = 0.0  # sampling: clamp DiffLoss's x0 estimate to +-this; 0 = off (official). On for
+    #                             the CPU size: a briefly trained head explodes at t ~ T (see DiffLoss.sample)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+def patchify(x, p):  # latents (B, C, H, W) -> tokens (B, L, C*p*p), raster order, channel-major inside
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum('nchpwq->nhwcpq', x).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, C):  # the inverse: (B, L, C*p*p) -> (B, C, h*p, w*p)
+    B, L, _ = x.shape
+    h = math.isqrt(L)
+    x = x.reshape(B, h, h, C, p, p)
+    return torch.einsum('nhwcpq->nchpwq', x).reshape(B, C, h * p, h * p)
+
+
+def mask_ratio(mask_ratio_min):
+    """One draw of N(1, 0.25^2) truncated to [mask_ratio_min, 1] (official: scipy truncnorm, one per
+    batch), by the inverse CDF so that torch's RNG drives it. Mean 0.867 at 0.7."""
+    lo = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
+    u = lo + (0.5 - lo) * torch.rand((), dtype=torch.float64)  # uniform between the CDF at the bounds
+    return 1.0 + 0.25 * torch.special.ndtri(u).item()
+
+
+def random_mask(orders, n_masked):  # orders (B, L) permutations -> (B, L) bool, True = masked
+    return torch.zeros_like(orders, dtype=torch.bool).scatter_(1, orders[:, :n_masked], True)
+
+
+def next_mask_len(step, num_iter, L, n_masked):
+    """Tokens still masked after `step`: floor(L cos(pi/2 (step + 1) / num_iter)), kept in
+    [1, n_masked - 1] so that each step predicts at least one token (the last step predicts all)."""
+    return max(1, min(n_masked - 1, math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter))))
+
+
+# --- model ---------------------------------------------------------------------------------------------
+class Attention(nn.Module):  # timm's: fused qkv with bias, no RoPE; the core's SDPA, bidirectional
+    attend = llamagen.Attention.attend
+
+    def __init__(self, dim, n_head, attn_drop, proj_drop):
+        super().__init__()
+        self.n_head, self.attn_dropout_p, self.kv_cache = n_head, attn_drop, None  # the fields attend reads
+        self.qkv, self.proj, self.proj_drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        everyone = torch.ones(1, 1, dtype=torch.bool, device=x.device)  # every position sees every other
+        return self.proj_drop(self.proj(self.attend(q, k, v, 0, everyone).transpose(1, 2).reshape(B, T, C)))
+
+
+class Mlp(nn.Module):  # timm's: fc1, exact GELU, dropout, fc2, dropout
+    def __init__(self, dim, hidden, drop):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):  # pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)); LayerNorm eps 1e-6
+    def __init__(self, dim, n_head, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, n_head, cfg.attn_dropout, cfg.proj_dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.proj_dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.grid = cfg.img_size // cfg.vae_stride // cfg.patch_size  # h = w
+        self.L, self.token_dim, P = self.grid ** 2, cfg.vae_embed_dim * cfg.patch_size ** 2, cfg.buffer_size
+        Ce, Cd = cfg.encoder_embed_dim, cfg.decoder_embed_dim
+        self.fake_latent = nn.Parameter(torch.zeros(1, Ce))  # the null class
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, P + self.L, Ce))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Cd))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, P + self.L, Cd))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.L, Cd))
+        self.class_emb = nn.Embedding(cfg.num_classes, Ce)
+        self.z_proj = nn.Linear(self.token_dim, Ce)
+        self.z_proj_ln = nn.LayerNorm(Ce, eps=1e-6)
+        self.encoder_blocks = nn.ModuleList(Block(Ce, cfg.encoder_num_heads, cfg) for _ in range(cfg.encoder_depth))
+        self.encoder_norm = nn.LayerNorm(Ce, eps=1e-6)
+        self.decoder_embed = nn.Linear(Ce, Cd)
+        self.decoder_blocks = nn.ModuleList(Block(Cd, cfg.decoder_num_heads, cfg) for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(Cd, eps=1e-6)
+        for p in (self.fake_latent, self.encoder_pos_embed_learned, self.mask_token, self.decoder_pos_embed_learned,
+                  self.diffusion_pos_embed_learned, self.class_emb.weight):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():  # before DiffLoss exists: it keeps its own init
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.diffloss = DiffLoss(self.token_dim, Cd, cfg.diffloss_d, cfg.diffloss_w, cfg.num_sampling_steps, cfg.clip_denoised)
+        self.nfe = 0  # transformer forward calls of the last generate()
+
+    def encode(self, x, mask, cls):
+        """MAE encoder on the visible tokens only. x (B, L, Ct), mask (B, L) bool, cls (B, Ce)
+        -> (B, P + visible, Ce). Every row has the same number of masked tokens, so the gather
+        reshapes back to a batch."""
+        B, P = len(x), self.cfg.buffer_size
+        if self.training and self.cfg.label_drop_prob > 0:  # class -> fake_latent, for CFG
+            drop = torch.rand(B, 1, device=x.device) < self.cfg.label_drop_prob
+            cls = torch.where(drop, self.fake_latent.to(cls.dtype), cls)
+        x = torch.cat([cls[:, None].expand(B, P, -1), self.z_proj(x)], dim=1)  # (B, P + L, Ce): class in the buffer
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)  # official order: position, then LayerNorm
+        keep = torch.cat([torch.ones(B, P, dtype=torch.bool, device=x.device), ~mask], dim=1)
+        x = x[keep].view(B, -1, x.shape[-1])  # the buffer, then the visible tokens in raster order
+        for block in self.encoder_blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def decode(self, x, mask):
+        """MAE decoder: visible outputs back in place, mask_token elsewhere. -> z (B, L, Cd), DiffLoss's
+        condition for every position (the buffer dropped)."""
+        B, P = len(x), self.cfg.buffer_size
+        x = self.decoder_embed(x)
+        keep = torch.cat([torch.ones(B, P, dtype=torch.bool, device=x.device), ~mask], dim=1)
+        full = self.mask_token.to(x.dtype).repeat(B, P + self.L, 1)
+        full[keep] = x.flatten(0, 1)
+        x = full + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)[:, P:] + self.diffusion_pos_embed_learned
+
+    def forward(self, latents, labels):
+        """One masked-prediction step. latents (B, C, h, w) scaled VAE samples, labels (B,) -> loss.
+        Each row hides ceil(L r) tokens (one r per batch) in its own random order; DiffLoss scores
+        only the hidden tokens (selected before the MLP: the same mean as the official masked mean,
+        less compute), each repeated diffusion_batch_mul times with fresh (t, noise)."""
+        x = patchify(latents, self.cfg.patch_size)  # (B, L, Ct)
+        orders = torch.rand(len(x), self.L, device=x.device).argsort(dim=1)  # a random permutation per row
+        mask = random_mask(orders, math.ceil(self.L * mask_ratio(self.cfg.mask_ratio_min)))
+        z = self.decode(self.encode(x, mask, self.class_emb(labels)), mask)  # (B, L, Cd)
+        mul = self.cfg.diffusion_batch_mul
+        return self.diffloss(x[mask].repeat(mul, 1), z[mask].repeat(mul, 1))
+
+    def on_step(self, step, total_steps):  # train.py's hook; MAR has no schedule of its own
+        return None
+
+    @torch.inference_mode()
+    def generate(self, labels, cfg_scale=1.0, temperature=1.0, num_iter=64, cfg_schedule='linear',
+                 num_sampling_steps=0, generator=None):
+        """labels (B,) -> latents (B, C, h, w) for Tokenizer.decode_code; num_iter transformer calls.
+        Paper: num_iter 256 for FID (64: the demo), linear CFG, temperature 1.0 (0.95 without CFG);
+        num_sampling_steps 0 = the config's (paper 100). All randomness comes from `generator`."""
+        if cfg_schedule not in ('linear', 'constant'):
+            raise SystemExit(f'mar.py: cfg_schedule {cfg_schedule!r}: use linear or constant')
+        training, B, L, device = self.training, len(labels), self.L, labels.device
+        self.eval()
+        tokens = torch.zeros(B, L, self.token_dim, device=device)
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        orders = torch.rand(B, L, generator=generator, device=device).argsort(dim=1)
+        cls, guided = self.class_emb(labels), cfg_scale != 1.0
+        if guided:  # one doubled batch: conditional rows first, then the null class
+            cls = torch.cat([cls, self.fake_latent.expand(B, -1)])
+        self.nfe, n_masked = 0, L
+        try:
+            for step in range(num_iter):
+                reps = 2 if guided else 1
+                z = self.decode(self.encode(tokens.repeat(reps, 1, 1), mask.repeat(reps, 1), cls), mask.repeat(reps, 1))
+                self.nfe += 1
+                n_next = next_mask_len(step, num_iter, L, n_masked)
+                # predict the masked tokens that stay masked no longer: order positions [n_next, n_masked)
+                mask_next = random_mask(orders, n_next) if step < num_iter - 1 else torch.zeros_like(mask)
+                to_pred = mask & ~mask_next  # (B, L), the same count in every row
+                s = cfg_scale if cfg_schedule == 'constant' else 1 + (cfg_scale - 1) * (L - n_next) / L  # ramps up
+                x = self.diffloss.sample(z[to_pred.repeat(reps, 1)], temperature, s, num_sampling_steps, generator)
+                tokens[to_pred] = x.to(tokens.dtype)  # final: predicted tokens are never re-masked
+                mask, n_masked = mask_next, n_next
+                if not mask.any():
+                    break
+        finally:
+            self.train(training)
+        return unpatchify(tokens, self.cfg.patch_size, self.cfg.vae_embed_dim)
+
+
+# --- official checkpoints --------------------------------------------------------------------------------
+def kl16_key(k, levels):
+    """An LDM/MAR AutoencoderKL key -> ours (vq.Encoder/Decoder names): down.{i}.block -> conv_blocks.{i}.res,
+    up.{i} -> conv_blocks.{levels-1-i} (LDM indexes the decoder by resolution, we by processing order),
+    mid.block_1 / attn_1 / block_2 -> mid.0 / 1 / 2."""
+    k = k.replace('mid.block_1', 'mid.0').replace('mid.attn_1', 'mid.1').replace('mid.block_2', 'mid.2')
+    m = re.match(r'(encoder|decoder)\.(down|up)\.(\d+)\.(block|attn|downsample|upsample)(.*)', k)
+    if m:
+        part, way, i, kind, rest = m.groups()
+        i = int(i) if way == 'down' else levels - 1 - int(i)
+        k = f'{part}.conv_blocks.{i}.{"res" if kind == "block" else kind}{rest}'
+    return k
+
+
+def load_official(model, path):
+    """MAR: the EMA weights (model_ema), as the official demo, loaded strictly. The KL-16 VAE
+    (kl16.ckpt): its ['model'] with LDM names mapped to ours; keys of the training losses are dropped."""
+    if not isinstance(model, Tokenizer):
+        return llamagen.load_official(model, path, wrappers=('model_ema', 'model', 'state_dict'))
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
+    sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else ckpt
+    levels = len(model.cfg.encoder_ch_mult)
+    sd = {kl16_key(k, levels): v for k, v in sd.items() if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv')}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = sorted(set(want) ^ set(sd)) + [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    if bad:
+        raise SystemExit(f'{path}: not a KL VAE of this size: {len(bad)} keys missing, unexpected or of another shape {bad[:3]}')
+    model.load_state_dict(sd, strict=True)
+    return model
