@@ -12,6 +12,7 @@ Hooks for the methods (override the smallest one and call super() where it helps
   rope_table()          (prefix + T, D/2, 2) RoPE table in the method's sequence order
   attn_mask(S, device)  (S, S) bool mask in the method's order; None = plain causal (SDPA is_causal)
   forward / generate    built from embed pieces, backbone(), decode() and sample_logits()
+  guidance(t, scale)    the CFG scale of image token t (constant; RAR: a schedule)
 Train: torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B --data-path ...
 Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook size.
 """
@@ -240,13 +241,13 @@ class Model(nn.Module):
     # --- generation -----------------------------------------------------------------------------
     def setup_cache(self, batch, S, dtype, device):  # preallocated once per generate
         shape = (batch, self.cfg.n_head, S, self.cfg.dim // self.cfg.n_head)
-        for layer in self.layers:
-            layer.attention.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
-                                        torch.zeros(shape, dtype=dtype, device=device))
+        for attn in (m for m in self.modules() if isinstance(m, Attention)):  # any block layout (RAR's too)
+            attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device))
 
     def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.kv_cache = None
+        for attn in (m for m in self.modules() if isinstance(m, Attention)):
+            attn.kv_cache = None
 
     def decode(self, x, start, mask):
         """One cached forward call: x (B, T, C) enters at positions start..start+T-1 of the
@@ -254,6 +255,9 @@ class Model(nn.Module):
         self.nfe += 1
         end = start + x.shape[1]
         return self.backbone(x, self.rope(x.device)[start:end], start, mask[start:end, :end])
+
+    def guidance(self, t, cfg_scale):  # the CFG scale for image token t: constant here, a schedule in RAR
+        return cfg_scale
 
     def cfg_labels(self, labels, cfg_scale):  # conditional first, then the null class
         if cfg_scale > 1.0:
@@ -278,7 +282,7 @@ class Model(nn.Module):
             for t in range(L):
                 if cfg_scale > 1.0:
                     use = cfg_interval < 0 or t <= cfg_interval + 1
-                    logits = cfg_mix(logits, cfg_scale) if use else logits[:B]
+                    logits = cfg_mix(logits, self.guidance(t, cfg_scale)) if use else logits[:B]
                 tokens[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)[:, 0]
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.tok_embeddings(tokens[:, t:t + 1].repeat(len(cond) // B, 1))

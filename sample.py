@@ -124,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument('--method', choices=('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar'), help='with --official: which method; otherwise checked against --ckpt')
     p.add_argument('--gpt-ckpt')
     p.add_argument('--vq-ckpt')
-    p.add_argument('--model', default='GPT-B', help='size of the official generator (the method SIZES)')
+    p.add_argument('--model', help="size of the official generator (a key of the method's SIZES, e.g. GPT-B, rar_b)")
     p.add_argument('--vq-model', help='size of the official tokenizer (default: the first of the method TOKENIZER_SIZES)')
     p.add_argument('--image-size', type=int, default=256, help='official: the generator trained at this size')
     p.add_argument('--image-size-eval', type=int, help='resize samples to this size (official 384 -> 256 for FID)')
@@ -147,8 +147,8 @@ def parse_args(argv=None):
     p.add_argument('-h', '--help', action='help')
     p.set_defaults(cfg_scale=train_args.get('cfg_scale'))  # our checkpoints: the scale of the training grids
     args = p.parse_args(argv)
-    if args.official and not (args.method and args.gpt_ckpt and args.vq_ckpt):
-        p.error('--official needs --method, --gpt-ckpt and --vq-ckpt')
+    if args.official and not (args.method and args.gpt_ckpt and args.vq_ckpt and args.model):
+        p.error('--official needs --method, --model, --gpt-ckpt and --vq-ckpt')
     if not args.official and not args.ckpt:
         p.error('give --ckpt RUN/last.pt, or --official with the official files')
     return args

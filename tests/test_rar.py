@@ -1,0 +1,186 @@
+"""RAR (rar.py): official keys and sizes, the permuted forward against an explicit reference (naive
+attention, both position tables permuted by hand), causality in the permuted order, order sampling
+and annealing, the guidance schedule, KV-cache generation against the no-cache forward, and a tiny
+train + sample run on the built-in dataset."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import rar
+import sample
+import train
+
+KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'official_keys')
+V, L, K = 16, 16, 5  # codebook, tokens (4x4), classes
+
+
+def tiny(adaln_std=0.3, **kw):
+    """A tiny RAR with the adaLN weights moved away from their zero init: otherwise every gate is 0,
+    every block is the identity, and a comparison would never reach attention or the MLP."""
+    torch.manual_seed(0)
+    model = rar.Model(rar.Config(**{**dict(dim=32, n_layer=2, n_head=2, vocab_size=V, block_size=L, num_classes=K), **kw}))
+    for name, p in model.named_parameters():
+        if 'adaLN_modulation' in name or 'norm' in name or 'cls_token' in name:  # norm weights around 1
+            torch.nn.init.normal_(p, mean=float('norm' in name and name.endswith('weight')), std=adaln_std)
+    return model.eval()
+
+
+def test_keys_match_official_rar_b_and_sizes():
+    path = os.path.join(KEYS, 'rar_b.json')
+    if not os.path.exists(path):
+        pytest.skip(f'{path} not found')
+    ref = json.load(open(path))
+    counts = dict(rar_b=ref['num_params'], rar_xxl=1_498_520_704)  # the note's count (XXL: MLP 6144, not 4 x 1408)
+    for size, n in counts.items():
+        with torch.device('meta'):
+            model = rar.Model(rar.Config(**rar.SIZES[size], vocab_size=1024, block_size=256, num_classes=1000))
+        assert sum(p.numel() for p in model.parameters()) == n, size
+        if size == 'rar_b':  # same keys, shapes and order as the official state dict (441 keys)
+            assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == [(k, s) for k, s in ref['keys']]
+    assert rar.Model(rar.Config(vocab_size=V, block_size=L, num_classes=K)).embeddings.num_embeddings == V + 1 + K + 1
+
+
+def naive_block(blk, x, c):
+    """The block's math written out: adaLN chunks (shift, scale, gate) x 2, LayerNorm eps 1e-6,
+    per-head QK LayerNorm, softmax attention with an explicit causal mask, exact GELU."""
+    T, C, H = x.shape[1], x.shape[2], blk.attn.n_head
+    ln = lambda h, m: F.layer_norm(h, h.shape[-1:], m.weight, m.bias, 1e-6)  # noqa: E731
+    s1, a1, g1, s2, a2, g2 = F.linear(F.silu(c), *blk.adaLN_modulation[1].parameters()).chunk(6, -1)
+    q, k, v = F.linear(ln(x, blk.norm1) * (1 + a1) + s1, *blk.attn.qkv.parameters()).view(1, T, 3, H, C // H).unbind(2)
+    q, k = ln(q, blk.attn.q_norm).transpose(1, 2), ln(k, blk.attn.k_norm).transpose(1, 2)  # (1, H, T, D)
+    att = (q @ k.transpose(-1, -2) / math.sqrt(C // H)).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+    y = (att.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(1, T, C)
+    x = x + g1 * F.linear(y, *blk.attn.proj.parameters())
+    h = F.linear(ln(x, blk.norm2) * (1 + a2) + s2, *blk.mlp.fc1.parameters())
+    return x + g2 * F.linear(0.5 * h * (1 + torch.erf(h / math.sqrt(2))), *blk.mlp.fc2.parameters())
+
+
+def reference(model, tokens, labels, orders):
+    """The official sequence built slot by slot (all L + 2 slots, as the official forward):
+    [cls + pos0, class + pos1 + ta[2+o0], z_k + pos[2+o_k] + ta[2+o_{k+1}] .., z_last + pos[2+o_last]]."""
+    emb, pos, ta = model.embeddings.weight, model.pos_embed[0], model.target_aware_pos_embed[0]
+    out = []
+    for b in range(len(tokens)):
+        o, cond = orders[b].tolist(), emb[V + 1 + labels[b]]
+        xs = [model.cls_token[0, 0] + pos[0], cond + pos[1] + ta[2 + o[0]]]
+        xs += [emb[tokens[b, o[k]]] + pos[2 + o[k]] + (ta[2 + o[k + 1]] if k + 1 < L else 0) for k in range(L)]
+        x, c = torch.stack(xs)[None], cond + model.timesteps_embeddings[:, :L + 2]  # c is not permuted
+        for blk in model.blocks:
+            x = naive_block(blk, x, c)
+        scale, shift = F.linear(F.silu(c), *model.adaln_before_head['adaLN_modulation'][1].parameters()).chunk(2, -1)
+        out.append(model.lm_head(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift)[0, 1:L + 1])
+    return torch.stack(out)  # (B, L, V): drop the cls slot and the last slot's output
+
+
+@torch.no_grad()
+def test_forward_equals_explicit_reference():
+    model, tokens, labels = tiny(), torch.randint(0, V, (3, L)), torch.tensor([0, 2, K])  # K: the null class
+    raster = torch.arange(L).expand(3, L)
+    model.random_ratio = 0.0  # r = 0: the sampled orders are raster
+    logits, loss = model(tokens, labels)
+    assert torch.allclose(logits, reference(model, tokens, labels, raster), atol=1e-5)
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), tokens.flatten()))
+    orders = torch.stack([torch.randperm(L) for _ in range(3)])  # a given permutation per sample
+    logits, loss = model(tokens, labels, orders)
+    assert torch.allclose(logits, reference(model, tokens, labels, orders), atol=1e-5)
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), tokens.gather(1, orders).flatten()))  # permuted labels
+    # the position terms slot by slot: own pos row, plus the ta row of the next target (shifted one slot)
+    pos, ta, o = model.pos_embed[0], model.target_aware_pos_embed[0], orders[0]
+    p = model.positions(orders)[0]  # (L + 2, C)
+    assert torch.equal(p[0], pos[0]) and torch.equal(p[1], pos[1] + ta[2 + o[0]]) and torch.equal(p[-1], pos[2 + o[-1]])
+    assert all(torch.equal(p[k + 2], pos[2 + o[k]] + ta[2 + o[k + 1]]) for k in range(L - 1))
+    merged = model.positions(raster[:1])[0]  # raster: one absolute table [pos0, pos1 + ta2, .., pos_{L+1}]
+    assert torch.equal(merged[1:-1], pos[1:L + 1] + ta[2:L + 2])
+    fresh = rar.Model(model.cfg).eval()  # adaLN-Zero init: blocks are the identity, logits = head(LN(inputs))
+    x = torch.cat([fresh.cls_token, fresh.class_embedding(labels[:1]), fresh.embeddings(tokens[:1, :-1])], 1)
+    x = x + fresh.positions(raster[:1])[:, :L + 1]
+    assert torch.allclose(fresh(tokens[:1], labels[:1])[0], fresh.lm_head(F.layer_norm(x, (32,), eps=1e-6))[:, 1:], atol=1e-6)
+
+
+@torch.no_grad()
+def test_causality_in_the_permuted_order():
+    model, tokens, labels = tiny(), torch.randint(0, V, (2, L)), torch.tensor([1, 3])
+    orders = torch.stack([torch.randperm(L) for _ in range(2)])
+    base = model(tokens, labels, orders)[0]  # position j predicts z_j and sees z_<j
+    for k in (0, 5, L - 2, L - 1):  # change z_k, the token at permuted index k
+        t = tokens.clone()
+        t.scatter_(1, orders[:, k:k + 1], (tokens.gather(1, orders[:, k:k + 1]) + 1) % V)
+        out = model(t, labels, orders)[0]
+        assert torch.equal(out[:, :k + 1], base[:, :k + 1])  # predictions of z_0 .. z_k never see z_k
+        assert all(not torch.allclose(out[:, j], base[:, j]) for j in range(k + 1, L))
+    assert not torch.allclose(model(tokens, torch.tensor([2, 4]), orders)[0][:, 0], base[:, 0])  # the class reaches all
+
+
+def test_orders_and_annealing():
+    torch.manual_seed(0)
+    raster = torch.arange(L).expand(400, L)
+    assert torch.equal(rar.sample_orders(400, L, 0.0, 'cpu'), raster)
+    o = rar.sample_orders(400, L, 1.0, 'cpu')
+    assert torch.equal(o.sort(-1).values, raster) and (o != raster).any(-1).all()  # all full permutations
+    assert 150 < (rar.sample_orders(400, L, 0.5, 'cpu') != raster).any(-1).sum() < 250  # raster or permuted per sample
+    model = tiny()  # paper: r = 1 for epochs 0-200, linear to 0 at 300, raster until 400
+    for step, r in ((0, 1.0), (199, 1.0), (200, 1.0), (250, 0.5), (275, 0.25), (300, 0.0), (399, 0.0)):
+        assert model.on_step(step, 400) is None and model.random_ratio == pytest.approx(r)  # LR: train.py's
+    assert rar.random_ratio(0, 0, 0) == 0.0 and rar.random_ratio(5, 10, 10) == 1.0  # start = end: a switch
+
+
+def test_guidance_schedule_matches_the_note():
+    for (g, p), want in {(16.0, 2.75): (1.0, 1.018, 1.80, 7.40, 16.00), (15.5, 2.5): (1.0, 1.035, 2.09, 7.96, 15.50),
+                         (6.9, 1.5): (1.0, 1.225, 2.64, 5.29, 6.90), (8.0, 1.2): (1.0, 1.60, 3.79, 6.63, 8.00)}.items():
+        got = [rar.guidance_scale(t, 256, g, p) for t in (0, 64, 128, 192, 255)]
+        assert got == pytest.approx(want, abs=6e-3), (g, p)
+    assert all(rar.guidance_scale(t, 256, 4.0, 0.0) == 4.0 for t in (0, 100, 255))  # pow 0: constant
+
+
+@pytest.mark.parametrize('cfg_scale,pow', [(1.0, 2.75), (4.0, 2.75), (3.0, 0.0)])
+def test_kv_cache_generation_equals_the_no_cache_forward(cfg_scale, pow):
+    model, labels = tiny(), torch.tensor([0, 2, 4])
+    seen, decode = [], model.decode
+    model.decode = lambda x, start, mask: seen.append(decode(x, start, mask)) or seen[-1]
+    tokens = model.generate(labels, cfg_scale=cfg_scale, temperature=1e-6, guidance_scale_pow=pow)  # ~greedy
+    del model.decode
+    assert tokens.shape == (3, L) and model.nfe == len(seen) == L and seen[0].shape[1] == 2
+    cached = torch.cat([seen[0][:, -1:]] + seen[1:], dim=1)  # (B or 2B, L, V): logits of z_0 .. z_{L-1}
+    cond = model.cfg_labels(labels, cfg_scale)
+    with torch.no_grad():
+        forced = model(tokens.repeat(len(cond) // 3, 1), cond, torch.arange(L).expand(len(cond), L))[0]
+    assert torch.allclose(cached, forced, atol=1e-5)
+    if cfg_scale > 1:  # each token's logits mixed with its own scale from the schedule
+        s = torch.tensor([rar.guidance_scale(t, L, cfg_scale, pow) for t in range(L)])[None, :, None]
+        forced = forced[3:] + (forced[:3] - forced[3:]) * s
+    assert torch.equal(tokens, forced.argmax(-1))
+    assert model.cond_cache is None and all(b.attn.kv_cache is None for b in model.blocks)
+
+
+DATA = ['--num-images', '64', '--image-size', '16']
+
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tok')
+    train.main(['--stage', 'tokenizer', '--max-steps', '2', '--global-batch-size', '8', '--ch', '32', '--z-channels', '32',
+                '--encoder-ch-mult', '1', '2', '2', '--decoder-ch-mult', '1', '2', '2', '--codebook-size', '32',
+                '--num-res-blocks', '1', '--run-dir', str(root / 'tok'), '--results-dir', str(root)] + DATA)
+    return str(root / 'tok' / 'last.pt')
+
+
+def test_trains_and_samples_on_the_builtin_dataset(tok, tmp_path):
+    run = tmp_path / 'rar'
+    train.main(['--method', 'rar', '--tokenizer', tok, '--dim', '32', '--n-layer', '2', '--n-head', '2', '--max-steps', '3',
+                '--anneal-start', '0', '--anneal-end', '1', '--global-batch-size', '8', '--log-every', '1',
+                '--run-dir', str(run), '--results-dir', str(tmp_path)] + DATA)  # default --model: rar_tiny
+    ckpt = torch.load(run / 'last.pt', weights_only=True)
+    assert ckpt['method'] == 'rar' and ckpt['config']['block_size'] == 16 and ckpt['config']['vocab_size'] == 32
+    assert ckpt['config']['anneal_start'] == 0 and ckpt['config']['anneal_end'] == 1
+    assert ckpt['model']['embeddings.weight'].shape == (32 + 1 + 10 + 1, 32)  # codes, mask, 10 classes, null
+    assert len(open(run / 'log.jsonl').readlines()) == 3 and os.path.exists(run / 'samples' / '0000003.png')
+    sample.main(['--ckpt', str(run / 'last.pt'), '--grid', str(tmp_path / 'g.png'), '--per-class', '2', '--num-samples', '6',
+                 '--out', str(tmp_path / 's.npz'), '--batch-size', '3', '--cfg-scale', '3', '--guidance-scale-pow', '0'])
+    assert Image.open(tmp_path / 'g.png').size == (2 * 18 + 2, 10 * 18 + 2)
+    assert np.load(tmp_path / 's.npz')['arr_0'].shape == (6, 16, 16, 3)
