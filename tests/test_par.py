@@ -139,12 +139,8 @@ DATA = ['--num-images', '64', '--image-size', '16']
 
 
 @pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp('tok')
-    train.main(['--stage', 'tokenizer', '--max-steps', '2', '--global-batch-size', '8', '--ch', '32', '--z-channels', '32',
-                '--encoder-ch-mult', '1', '2', '2', '--decoder-ch-mult', '1', '2', '2', '--codebook-size', '32',
-                '--num-res-blocks', '1', '--run-dir', str(root / 'tok'), '--results-dir', str(root)] + DATA)
-    return str(root / 'tok' / 'last.pt')
+def tok(tiny_vq):  # the shared 16-px VQ tokenizer of conftest.py
+    return tiny_vq
 
 
 def test_trains_and_samples_on_the_builtin_dataset(tok, tmp_path):
