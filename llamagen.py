@@ -196,8 +196,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # not tied to tok_embeddings
-        # a plain attribute, not a buffer: the official state dict has no RoPE table
-        self.freqs_cis = self.rope_table()
+        self.freqs_cis = self.rope_table()  # a plain attribute, not a buffer: official state dicts have no RoPE table
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # official init: logits start uniform
         self.nfe = 0  # forward calls of the last generate()
@@ -294,20 +293,21 @@ class Model(nn.Module):
 
 
 # --- official checkpoints -------------------------------------------------------------------------
-WRAPPERS = ('model', 'module', 'state_dict', 'ema', 'model_ema')  # probed in this order
-
-
-def load_official(model, path, wrappers=WRAPPERS):
-    """Load an official checkpoint strictly. Official files pickle an argparse.Namespace: load with
-    weights_only=True and that one class allow-listed, never with blind unpickling."""
+def load_official(model, path, wrappers=('model', 'module', 'state_dict', 'ema', 'model_ema')):
+    """Load an official checkpoint strictly, its state dict found under the first of `wrappers` present (or
+    bare). Official files pickle an argparse.Namespace: weights_only=True with that one class allow-listed."""
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # an UnpicklingError names the refused global
         raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
     sd = next((ckpt[k] for k in wrappers if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
-    sd = {k.removeprefix('module.').removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if k != 'freqs_cis' and 'kv_cache' not in k}  # runtime-only
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):  # weights_only lets lists through
+        raise SystemExit(f'{path}: no state dict found (a {type(sd).__name__}, not a dict of tensors)')
+    key = getattr(model, 'official_key', lambda k: k)  # official names -> ours, None: not kept (vq.py tokenizers)
+    sd = {key(k.removeprefix('module.').removeprefix('_orig_mod.').removeprefix('module.')): v for k, v in sd.items()
+          if not k.endswith('freqs_cis') and 'kv_cache' not in k}  # runtime-only keys dropped
+    sd.pop(None, None)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     wrong = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]

@@ -26,9 +26,7 @@ Paper (MAR-B): torchrun --nproc_per_node=8 train.py --method mar --model mar_bas
 Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook size;
 here also L = h*w tokens, Ct token channels (vae_embed_dim * patch_size^2), P buffer positions.
 """
-import argparse
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -260,35 +258,7 @@ class Model(nn.Module):
 
 
 # --- official checkpoints --------------------------------------------------------------------------------
-def kl16_key(k, levels):
-    """An LDM/MAR AutoencoderKL key -> ours (vq.Encoder/Decoder names): down.{i}.block -> conv_blocks.{i}.res,
-    up.{i} -> conv_blocks.{levels-1-i} (LDM indexes the decoder by resolution, we by processing order),
-    mid.block_1 / attn_1 / block_2 -> mid.0 / 1 / 2."""
-    k = k.replace('mid.block_1', 'mid.0').replace('mid.attn_1', 'mid.1').replace('mid.block_2', 'mid.2')
-    m = re.match(r'(encoder|decoder)\.(down|up)\.(\d+)\.(block|attn|downsample|upsample)(.*)', k)
-    if m:
-        part, way, i, kind, rest = m.groups()
-        i = int(i) if way == 'down' else levels - 1 - int(i)
-        k = f'{part}.conv_blocks.{i}.{"res" if kind == "block" else kind}{rest}'
-    return k
-
-
 def load_official(model, path):
-    """MAR: the EMA weights (model_ema), as the official demo, loaded strictly. The KL-16 VAE
-    (kl16.ckpt): its ['model'] with LDM names mapped to ours; keys of the training losses are dropped."""
-    if not isinstance(model, Tokenizer):
-        return llamagen.load_official(model, path, wrappers=('model_ema', 'model', 'state_dict'))
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
-    sd = ckpt.get('model', ckpt) if isinstance(ckpt, dict) else ckpt
-    levels = len(model.cfg.encoder_ch_mult)
-    sd = {kl16_key(k, levels): v for k, v in sd.items() if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv')}
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    bad = sorted(set(want) ^ set(sd)) + [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if bad:
-        raise SystemExit(f'{path}: not a KL VAE of this size: {len(bad)} keys missing, unexpected or of another shape {bad[:3]}')
-    model.load_state_dict(sd, strict=True)
-    return model
+    """MAR: the EMA weights (model_ema) first, as the official demo, strictly. The KL-16 VAE (kl16.ckpt): its
+    'model', LDM names mapped by KLModel.official_key (the keys of its training losses dropped)."""
+    return llamagen.load_official(model, path, wrappers=('model_ema', 'model', 'state_dict'))

@@ -35,6 +35,9 @@ import torch.nn.functional as F
 
 import llamagen
 from llamagen import Tokenizer, TokenizerConfig, load_official  # noqa: F401 (the method contract)
+from vq import VQ_SIZES
+
+TOKENIZER_SIZES = {k: VQ_SIZES[k] for k in ('MaskGIT-VQGAN', 'VQ-tiny')}  # the official rar_*.bin need MaskGIT's
 
 SIZES = {  # official widths / depths (16 heads, head dim 48 / 64 / 80 / 88); params counted by the note
     'rar_tiny': dict(n_layer=4, n_head=4, dim=128),  # CPU default for the built-in dataset (like GPT-tiny)

@@ -1,11 +1,8 @@
 """
-Sample a trained generator (ours or official): a PNG grid, or an ADM-style .npz for FID, on 1 process or N.
-
+Sample a generator, ours or an official checkpoint: a PNG grid, or an ADM-style .npz for FID, on 1 process or N.
   python sample.py --ckpt results/001-llamagen-generator/last.pt --grid grid.png     # a row per class
   torchrun --nproc_per_node=8 sample.py --ckpt RUN/last.pt --num-samples 50000 --out samples.npz
-  python sample.py --official --method llamagen --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt \
-      --model GPT-B --image-size 256 --cfg-scale 2.0 --num-samples 50000 --out samples.npz
-  python sample.py --ckpt RUN/last.pt --benchmark                                   # images/s, forward calls
+  python sample.py --official --method llamagen --model GPT-B --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt --benchmark
 The .npz holds arr_0 uint8 (N, H, W, 3) and arr_1 labels (N,), class-balanced, as the ADM evaluator reads it.
 """
 import argparse, importlib, inspect, math, os, time  # noqa: E401
@@ -18,6 +15,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vq
+
+
+PAPER = {  # --official: each paper's FID sampling settings per model (../notes), at 256 px; command-line flags win
+    'llamagen': {'GPT-B': dict(cfg_scale=2.0), 'GPT-L': dict(cfg_scale=2.0), **{m: dict(cfg_scale=s, image_size=384) for m, s in (('GPT-XL', 1.75), ('GPT-XXL', 1.75), ('GPT-3B', 1.65))}},
+    'npp': {'GPT-B': dict(cfg_scale=2.0), 'GPT-L': dict(cfg_scale=1.75), 'GPT-XL': dict(cfg_scale=1.7), 'GPT-XXL': dict(cfg_scale=1.65)},
+    'par': {m: dict(cfg_scale=s, image_size=384) for m, s in (('GPT-L', 1.6), ('GPT-XL', 1.5), ('GPT-XXL', 1.435), ('GPT-3B', 1.345), ('GPT-3B-16x', 1.5))},
+    'rar': {m: dict(cfg_scale=g, guidance_scale_pow=p, temperature=t) for m, g, p, t in (('rar_b', 16.0, 2.75, 1.0), ('rar_l', 15.5, 2.5, 1.02), ('rar_xl', 6.9, 1.5, 1.02), ('rar_xxl', 8.0, 1.2, 1.02))},
+    'iar2': {m: dict(cfg_scale1=(1.75, 3.0), cfg_scale2=(1.75, 3.0), w_attn=0.05, image_size=384) for m in ('IAR2-B', 'IAR2-L', 'IAR2-XL', 'IAR2-XXL')},
+    'mar': {m: dict(cfg_scale=s, num_iter=256) for m, s in (('mar_base', 2.9), ('mar_large', 3.0), ('mar_huge', 3.2))},
+}
 
 
 def to_uint8(x):  # [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), as the official samplers (truncating)
@@ -45,8 +52,7 @@ def save_checkpoint(obj, path):  # plain dicts, loadable with weights_only=True,
     os.replace(path + '.tmp', path)  # a crash mid-write never leaves a broken file
 
 
-def load_checkpoint(path, method=None, stage=None):
-    """Our checkpoints are plain dicts; official ones pickle an argparse.Namespace, allow-listed."""
+def load_checkpoint(path, method=None, stage=None):  # ours: plain dicts; official ones pickle an allow-listed Namespace
     if not os.path.isfile(path):
         raise SystemExit(f'{path}: no such checkpoint')
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -54,6 +60,8 @@ def load_checkpoint(path, method=None, stage=None):
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # e.g. an UnpicklingError naming a refused global
         raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
+    if not isinstance(ckpt, dict):  # weights_only lets plain tensors and lists through
+        raise SystemExit(f'{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)')
     if (method and ckpt.get('method') != method) or (stage and ckpt.get('stage') != stage):
         raise SystemExit(f'{path}: a {ckpt.get("method")} {ckpt.get("stage")} checkpoint, not a {" ".join(filter(None, (method, stage)))} one')
     return ckpt
@@ -65,20 +73,18 @@ def tokenizer_sizes(module):  # the paper size first, a CPU size ending in '-tin
 
 def derived_fields(cls, tok, image_size, num_classes):
     """The Config fields that the tokenizer and the data fix, by each method's official names."""
-    cfg = tok.cfg
-    known = dict(vocab_size=getattr(cfg, 'codebook_size', None), block_size=(image_size // tok.stride) ** 2,
+    known = dict(vocab_size=getattr(tok.cfg, 'codebook_size', None), block_size=(image_size // tok.stride) ** 2,
                  num_classes=num_classes, img_size=image_size, vae_stride=tok.stride,  # MAR
-                 vae_embed_dim=getattr(cfg, 'embed_dim', None), sub_vocab_size=getattr(cfg, 'codebook_size_second', None))  # IAR2
+                 vae_embed_dim=getattr(tok.cfg, 'embed_dim', None), sub_vocab_size=getattr(tok.cfg, 'codebook_size_second', None))  # IAR2
     return {f.name: known[f.name] for f in fields(cls) if known.get(f.name) is not None}
 
 
 def load_tokenizer(path, module, size=None):
     """Our tokenizer checkpoint (EMA weights if any), or an official one of size TOKENIZER_SIZES[size]."""
     ckpt = load_checkpoint(path)
-    if ckpt.get('stage') != 'tokenizer':
-        sizes = tokenizer_sizes(module)
-        tok = module.Tokenizer(module.TokenizerConfig(**sizes[size or next(iter(sizes))]))
-        return module.load_official(tok, path)
+    if ckpt.get('stage') != 'tokenizer':  # an official file: the paper's size unless --vq-model names another
+        cfg = module.TokenizerConfig(**tokenizer_sizes(module)[size or next(iter(tokenizer_sizes(module)))])
+        return module.load_official(module.Tokenizer(cfg), path)
     if ckpt['kind'] != module.Tokenizer.__name__:
         raise SystemExit(f'{path}: a {ckpt["kind"]} tokenizer; --method {module.__name__} needs a {module.Tokenizer.__name__}')
     tok = module.Tokenizer(module.TokenizerConfig(**ckpt['config']))
@@ -107,14 +113,12 @@ def sample(model, tok, labels, args, generator):
     with torch.autocast(labels.device.type, torch.bfloat16, enabled=args.precision == 'bf16'):
         out = model.generate(labels, generator=generator, **knobs)
         img = (tok.decode_code(*out) if isinstance(out, tuple) else tok.decode_code(out)).float()
-    if args.image_size_eval and args.image_size_eval != img.shape[-1]:
-        img = F.interpolate(img, size=args.image_size_eval, mode='bicubic')
-    return img
+    size = args.image_size_eval or (min(img.shape[-1], 256) if args.official else img.shape[-1])  # papers' FID: 256 px
+    return F.interpolate(img, size=size, mode='bicubic') if size != img.shape[-1] else img
 
 
 def generate_knobs(cls):  # keyword arguments of the method's generate, with their defaults
-    sig = inspect.signature(cls.generate)
-    return {k: v.default for k, v in sig.parameters.items() if v.default is not inspect.Parameter.empty and k != 'generator'}
+    return {k: v.default for k, v in inspect.signature(cls.generate).parameters.items() if k != 'generator' and v.default is not v.empty}
 
 
 def parse_args(argv=None):
@@ -127,7 +131,7 @@ def parse_args(argv=None):
     p.add_argument('--model', help="size of the official generator (a key of the method's SIZES, e.g. GPT-B, rar_b)")
     p.add_argument('--vq-model', help='size of the official tokenizer (default: the first of the method TOKENIZER_SIZES)')
     p.add_argument('--image-size', type=int, default=256, help='official: the generator trained at this size')
-    p.add_argument('--image-size-eval', type=int, help='resize samples to this size (official 384 -> 256 for FID)')
+    p.add_argument('--image-size-eval', type=int, help='resize samples to this size (bicubic; --official: 384 -> 256 as for the papers\' FID)')
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--grid', help='write a PNG with a row per class')
     p.add_argument('--classes', type=int, nargs='+', help='grid classes (default: the first 10)')
@@ -146,6 +150,7 @@ def parse_args(argv=None):
         p.add_argument('--' + k.replace('_', '-'), type=kind, nargs='+' if isinstance(v, tuple) else None, help=f'default {v}')
     p.add_argument('-h', '--help', action='help')
     p.set_defaults(cfg_scale=train_args.get('cfg_scale'))  # our checkpoints: the scale of the training grids
+    p.set_defaults(**PAPER.get(known.method, {}).get(known.model, {}) if known.official else {})
     args = p.parse_args(argv)
     if args.official and not (args.method and args.gpt_ckpt and args.vq_ckpt and args.model):
         p.error('--official needs --method, --model, --gpt-ckpt and --vq-ckpt')
@@ -173,13 +178,11 @@ def main(argv=None):
         for _ in range(reps):
             sample(model, tok, labels, args, g)
         torch.cuda.synchronize() if device.type == 'cuda' else None
-        dt = time.time() - t0
-        print(f'benchmark: {reps * args.batch_size / dt:.1f} images/s at batch {args.batch_size} on {device} '
+        print(f'benchmark: {reps * args.batch_size / (time.time() - t0):.1f} images/s at batch {args.batch_size} on {device} '
               f'({args.precision}), {model.nfe} forward calls per image')
     if args.num_samples:
-        # class-balanced labels; sample i goes to rank i % world; rounded up to whole batches
-        per_rank = math.ceil(args.num_samples / (world * args.batch_size)) * args.batch_size
-        labels = (torch.arange(per_rank * world) % n_cls)[rank::world]
+        per_rank = math.ceil(args.num_samples / (world * args.batch_size)) * args.batch_size  # whole batches
+        labels = (torch.arange(per_rank * world) % n_cls)[rank::world]  # class-balanced; sample i on rank i % world
         imgs = [to_uint8(sample(model, tok, labels[i:i + args.batch_size].to(device), args, g)).numpy()
                 for i in range(0, per_rank, args.batch_size)]
         np.save(f'{args.out}.part{rank}.npy', np.concatenate(imgs))

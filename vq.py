@@ -8,10 +8,12 @@ token ids the generators model. The decoder maps codes back to pixels. Training:
 + codebook and commitment losses (straight-through gradients) + a PatchGAN hinge loss after a
 start step (+ LPIPS only when its weights are supplied; nothing is downloaded).
 
-VQConfig fields keep the official names; VQ_SIZES['VQ-16'] is the official vq_ds16_c2i.pt model
-(its state dict loads strictly), 'VQ-tiny' the CPU default for the built-in 32x32 dataset.
+VQConfig fields keep the official names; VQ_SIZES['VQ-16'] is the official vq_ds16_c2i.pt model (its state
+dict loads strictly), 'VQ-tiny' the CPU default for the built-in 32x32 data, 'MaskGIT-VQGAN' RAR's tokenizer
+(1d-tokenizer's maskgit_vqgan.py: the same skeleton behind `maskgit`; its names map through ldm_key, as kl16's).
 Shapes: B batch, C channels, h*w token grid, V codebook size.
 """
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,7 +34,8 @@ class VQConfig:
     z_channels: int = 256
     dropout_p: float = 0.0
     ch: int = 128
-    num_res_blocks: int = 2  # per encoder level (the decoder has one more)
+    num_res_blocks: int = 2  # per encoder level (the decoder has one more, except MaskGIT's)
+    maskgit: bool = False  # the MaskGIT-VQGAN variant (RAR's tokenizer), see the docstring
 
 
 VQ_SIZES = {
@@ -40,6 +43,8 @@ VQ_SIZES = {
     'VQ-8': dict(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),
     'VQ-tiny': dict(codebook_size=512, encoder_ch_mult=(1, 1, 2), decoder_ch_mult=(1, 1, 2),
                     z_channels=64, ch=32, num_res_blocks=1),  # CPU default, stride 4: 32x32 -> 8x8 tokens
+    'MaskGIT-VQGAN': dict(codebook_size=1024, codebook_embed_dim=256, codebook_l2_norm=False,
+                          codebook_show_usage=False, maskgit=True),  # maskgit-vqgan-imagenet-f16-256.bin: 54.5M
 }
 
 
@@ -47,17 +52,18 @@ def Normalize(c):
     return nn.GroupNorm(32, c, eps=1e-6, affine=True)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout, dropout):
+class ResnetBlock(nn.Module):  # x + conv(act(norm(conv(act(norm(x)))))), a 1x1 shortcut when widths differ
+    def __init__(self, cin, cout, dropout, maskgit=False):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2, self.dropout, self.conv2 = Normalize(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, 1, 1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=not maskgit)
+        self.norm2, self.dropout, self.conv2 = Normalize(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, 1, 1, bias=not maskgit)
+        # MaskGIT quirk (from the JAX original): its shortcut maps the block's output h, not x: h + nin(h)
+        self.nin_shortcut, self.maskgit = nn.Conv2d(cout if maskgit else cin, cout, 1, bias=not maskgit) if cin != cout else None, maskgit
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        return h + (x if self.nin_shortcut is None else self.nin_shortcut(h if self.maskgit else x))
 
 
 class AttnBlock(nn.Module):  # one head over the h*w positions
@@ -74,32 +80,23 @@ class AttnBlock(nn.Module):  # one head over the h*w positions
         return x + self.proj_out(y.transpose(1, 2).reshape(B, C, H, W))
 
 
-class Downsample(nn.Module):  # pad right/bottom, then a stride-2 conv without padding (official)
-    def __init__(self, c):
+class Resample(nn.Module):  # down: pad right/bottom, then a stride-2 conv without padding (official); up: nearest x2, conv
+    def __init__(self, c, down):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+        self.down, self.conv = down, nn.Conv2d(c, c, 3, 2 if down else 1, 0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
 
-class Upsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 1, 1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
-
-
-def make_level(cin, cout, n_res, n_attn, resample, dropout):
+def make_level(cin, cout, n_res, n_attn, resample, dropout, maskgit=False):
     """One resolution level: n_res ResnetBlocks (each followed by an AttnBlock when n_attn), then
-    an optional down/upsampling. Official key names: res.{j}, attn.{j}, downsample / upsample."""
+    resample 'down' / 'up' / None. Official key names: res.{j}, attn.{j}, downsample / upsample."""
     level = nn.Module()
-    level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, dropout) for j in range(n_res))
-    level.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n_attn))
-    if resample is not None:
-        setattr(level, resample.__name__.lower(), resample(cout))
+    level.res = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout, dropout, maskgit) for j in range(n_res))
+    level.attn = nn.ModuleList(AttnBlock(cout) for _ in range(0 if maskgit else n_attn))
+    if resample:  # MaskGIT downsamples by a parameter-free 2x2 average
+        setattr(level, resample + 'sample', nn.AvgPool2d(2) if maskgit and resample == 'down' else Resample(cout, resample == 'down'))
     return level
 
 
@@ -112,21 +109,22 @@ def run_level(level, h):
     return h
 
 
-def mid_block(c, dropout):
-    return nn.ModuleList([ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)])
+def mid_block(c, dropout, maskgit):  # MaskGIT: two ResnetBlocks, no attention
+    blocks = [ResnetBlock(c, c, dropout, maskgit), ResnetBlock(c, c, dropout, maskgit)]
+    return nn.ModuleList(blocks if maskgit else blocks[:1] + [AttnBlock(c)] + blocks[1:])
 
 
 class Encoder(nn.Module):  # (B, 3, H, W) -> (B, z_channels, H/s, W/s); attention only at the last level
     def __init__(self, cfg):
         super().__init__()
-        mult, n = cfg.encoder_ch_mult, len(cfg.encoder_ch_mult)
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
+        mult, n, mg = cfg.encoder_ch_mult, len(cfg.encoder_ch_mult), cfg.maskgit
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1, bias=not mg)
         chans = [cfg.ch] + [cfg.ch * m for m in mult]
         self.conv_blocks = nn.ModuleList(
             make_level(chans[i], chans[i + 1], cfg.num_res_blocks, cfg.num_res_blocks if i == n - 1 else 0,
-                       Downsample if i < n - 1 else None, cfg.dropout_p) for i in range(n))
-        self.mid = mid_block(chans[-1], cfg.dropout_p)
-        self.norm_out, self.conv_out = Normalize(chans[-1]), nn.Conv2d(chans[-1], cfg.z_channels, 3, 1, 1)
+                       'down' if i < n - 1 else None, cfg.dropout_p, mg) for i in range(n))
+        self.mid = mid_block(chans[-1], cfg.dropout_p, mg)
+        self.norm_out, self.conv_out = Normalize(chans[-1]), nn.Conv2d(chans[-1], cfg.z_channels, 1 if mg else 3, 1, 0 if mg else 1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -140,13 +138,14 @@ class Encoder(nn.Module):  # (B, 3, H, W) -> (B, z_channels, H/s, W/s); attentio
 class Decoder(nn.Module):  # (B, z_channels, h, w) -> (B, 3, H, W); levels built coarse to fine
     def __init__(self, cfg):
         super().__init__()
-        mult, n = cfg.decoder_ch_mult, len(cfg.decoder_ch_mult)
+        mult, n, mg = cfg.decoder_ch_mult, len(cfg.decoder_ch_mult), cfg.maskgit
         chans = [cfg.ch * m for m in reversed(mult)]
         self.conv_in = nn.Conv2d(cfg.z_channels, chans[0], 3, 1, 1)
-        self.mid = mid_block(chans[0], cfg.dropout_p)
+        self.mid = mid_block(chans[0], cfg.dropout_p, mg)
+        n_res = cfg.num_res_blocks + (0 if mg else 1)  # MaskGIT: no extra decoder block
         self.conv_blocks = nn.ModuleList(
-            make_level(chans[max(i - 1, 0)], chans[i], cfg.num_res_blocks + 1, cfg.num_res_blocks + 1 if i == 0 else 0,
-                       Upsample if i < n - 1 else None, cfg.dropout_p) for i in range(n))
+            make_level(chans[max(i - 1, 0)], chans[i], n_res, n_res if i == 0 else 0,
+                       'up' if i < n - 1 else None, cfg.dropout_p, mg) for i in range(n))
         self.norm_out, self.conv_out = Normalize(chans[-1]), nn.Conv2d(chans[-1], 3, 3, 1, 1)
 
     def forward(self, z):
@@ -156,6 +155,18 @@ class Decoder(nn.Module):  # (B, z_channels, h, w) -> (B, 3, H, W); levels built
         for level in self.conv_blocks:
             h = run_level(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))  # no tanh: nominally in [-1, 1]
+
+
+def ldm_key(k, levels):
+    """An LDM-style official key (kl16, MaskGIT-VQGAN) -> ours: {down,up}.{i}.block -> conv_blocks.{j}.res, j = i
+    down, levels-1-i up (LDM orders the decoder by resolution, we by processing); mid.block_1/attn_1/block_2 -> mid.0/1/2."""
+    for a, b in (('mid.block_1', 'mid.0'), ('mid.attn_1', 'mid.1'), ('mid.block_2', 'mid.2'), ('upsample_conv', 'upsample.conv')):
+        k = k.replace(a, b)
+    m = re.match(r'(encoder|decoder)\.(down|up)\.(\d+)\.(block|attn|downsample|upsample)(.*)', k)
+    if not m:
+        return k
+    part, way, i, kind, rest = m.groups()
+    return f'{part}.conv_blocks.{int(i) if way == "down" else levels - 1 - int(i)}.{"res" if kind == "block" else kind}{rest}'
 
 
 class VectorQuantizer(nn.Module):
@@ -199,10 +210,8 @@ class VectorQuantizer(nn.Module):
 
 def entropy_loss(affinity, temperature=0.01):
     """Low per-sample entropy, high entropy of the batch average: spreads usage over the codebook."""
-    p = F.softmax(affinity / temperature, dim=-1)
-    avg = p.mean(0)
-    sample_entropy = -(p * F.log_softmax(affinity / temperature, dim=-1)).sum(-1).mean()
-    return sample_entropy + (avg * torch.log(avg + 1e-5)).sum()
+    p, avg = F.softmax(affinity / temperature, dim=-1), F.softmax(affinity / temperature, dim=-1).mean(0)
+    return -(p * F.log_softmax(affinity / temperature, dim=-1)).sum(-1).mean() + (avg * torch.log(avg + 1e-5)).sum()
 
 
 class VQModel(nn.Module):
@@ -211,25 +220,29 @@ class VQModel(nn.Module):
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.quantize = VectorQuantizer(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
+        proj = (lambda a, b: nn.Identity()) if cfg.maskgit else (lambda a, b: nn.Conv2d(a, b, 1))  # MaskGIT has none
+        self.quant_conv, self.post_quant_conv = proj(cfg.z_channels, cfg.codebook_embed_dim), proj(cfg.codebook_embed_dim, cfg.z_channels)
         self.stride = 2 ** (len(cfg.encoder_ch_mult) - 1)
 
     def quantize_img(self, img):  # (B, 3, H, W) in [-1, 1] -> z_q, losses, ids (B, h, w)
-        return self.quantize(self.quant_conv(self.encoder(img)))
+        return self.quantize(self.quant_conv(self.encoder((img + 1) / 2 if self.cfg.maskgit else img)))  # MaskGIT: [0, 1]
 
-    def encode(self, img):
+    def encode(self, img):  # -> ids (B, h, w)
         return self.quantize_img(img)[2]
 
-    def decode(self, z_q):
-        return self.decoder(self.post_quant_conv(z_q))
+    def decode(self, z_q):  # -> (B, 3, H, W) in ~[-1, 1]
+        x = self.decoder(self.post_quant_conv(z_q))
+        return 2 * x - 1 if self.cfg.maskgit else x
 
     def decode_code(self, ids):
         """ids (B, h, w), or (B, h*w) raster order from a generator -> image (B, 3, H, W) in ~[-1, 1]."""
-        if ids.dim() == 2:
-            g = int(ids.shape[1] ** 0.5)
-            ids = ids.view(-1, g, g)
-        return self.decode(self.quantize.codebook()[ids].permute(0, 3, 1, 2))
+        ids = ids.unflatten(1, (int(ids.shape[1] ** 0.5),) * 2) if ids.dim() == 2 else ids  # (B, h, w)
+        x = self.decode(self.quantize.codebook()[ids].permute(0, 3, 1, 2))
+        # RAR saves MaskGIT images as floor(255 x); sample.py rounds 127.5 y + 128: half a level lower matches it
+        return x - 1 / 255 if self.cfg.maskgit else x
+
+    def official_key(self, k):  # an official key -> ours (llamagen.load_official); MaskGIT's names are LDM-style
+        return ldm_key(k, len(self.cfg.encoder_ch_mult)) if self.cfg.maskgit else k
 
     def forward(self, img):  # -> reconstruction, quantizer losses
         z_q, losses, _ = self.quantize_img(img)
@@ -250,7 +263,7 @@ class KLConfig(VQConfig):  # LDM's AutoencoderKL (MAR's kl16 by default): VQConf
 KL_SIZES = {'KL-16': {}, 'KL-tiny': {**VQ_SIZES['VQ-tiny'], 'z_channels': 4, 'embed_dim': 4, 'kl_weight': 1e-4}}  # CPU: 8x8x4
 
 
-class KLModel(nn.Module):  # a diagonal Gaussian per position instead of a code; kl16 loads via mar.load_official
+class KLModel(nn.Module):  # a diagonal Gaussian per position instead of a code (MAR's kl16)
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.stride = cfg, 2 ** (len(cfg.encoder_ch_mult) - 1)
@@ -261,6 +274,9 @@ class KLModel(nn.Module):  # a diagonal Gaussian per position instead of a code;
     on_step = VQModel.on_step  # no schedule; encode: (B, 3, H, W) in [-1, 1] -> moments (B, 2C, h, w), mean and log variance
     def encode(self, img): return self.quant_conv(self.encoder(img))  # noqa: E301, E704
     def decode_code(self, z): return self.decoder(self.post_quant_conv(z / self.cfg.scale_factor))  # noqa: E704 (-> [-1, 1])
+
+    def official_key(self, k):  # kl16's LDM names -> ours; the keys of its training losses are dropped (None)
+        return ldm_key(k, len(self.cfg.encoder_ch_mult)) if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv') else None
 
     def sample(self, moments):  # -> a fresh posterior draw (B, C, h, w) times scale_factor
         mean, logvar = moments.chunk(2, dim=1)
@@ -284,12 +300,10 @@ class PatchGAN(nn.Module):
                        nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
             c = c_out
         self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # pix2pix init: conv weights N(0, 0.02), BatchNorm N(1, 0.02) and bias 0
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, float(isinstance(m, nn.BatchNorm2d)), 0.02)
+            nn.init.zeros_(m.bias) if isinstance(m, nn.BatchNorm2d) else None
 
     def forward(self, x):
         return self.main(x)

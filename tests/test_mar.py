@@ -61,11 +61,11 @@ def test_kl16_loads_through_the_key_map(tmp_path):
     tok = mar.load_official(tok.to_empty(device='cpu'), str(tmp_path / 'kl16.ckpt'))
     ours = tok.state_dict()
     for i, (k, s) in enumerate(ref['keys']):
-        assert ours[mar.kl16_key(k, 5)].shape == tuple(s) and ours[mar.kl16_key(k, 5)].flatten()[0] == i, k
-    assert mar.kl16_key('decoder.up.4.block.2.conv1.weight', 5) == 'decoder.conv_blocks.0.res.2.conv1.weight'
+        assert ours[vq.ldm_key(k, 5)].shape == tuple(s) and ours[vq.ldm_key(k, 5)].flatten()[0] == i, k
+    assert vq.ldm_key('decoder.up.4.block.2.conv1.weight', 5) == 'decoder.conv_blocks.0.res.2.conv1.weight'
     assert tok.cfg.scale_factor == 0.2325 and tok.stride == 16
     torch.save({'model': {k: v for k, v in list(sd.items())[:-2]}}, tmp_path / 'bad.ckpt')  # post_quant_conv missing
-    with pytest.raises(SystemExit, match='bad.ckpt: not a KL VAE'):
+    with pytest.raises(SystemExit, match='bad.ckpt: not a checkpoint of this model/size: 2 missing'):
         mar.load_official(tok, str(tmp_path / 'bad.ckpt'))
 
 

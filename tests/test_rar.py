@@ -1,10 +1,12 @@
 """RAR (rar.py): official keys and sizes, the permuted forward against an explicit reference (naive
 attention, both position tables permuted by hand), causality in the permuted order, order sampling
-and annealing, the guidance schedule, KV-cache generation against the no-cache forward, and a tiny
-train + sample run on the built-in dataset."""
+and annealing, the guidance schedule, KV-cache generation against the no-cache forward, the MaskGIT-VQGAN
+tokenizer (keys, and its network read directly from its own official names), and a tiny train + sample run
+on the built-in dataset."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import llamagen
 import rar
 import sample
 import train
+import vq
 
 KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'official_keys')
 V, L, K = 16, 16, 5  # codebook, tokens (4x4), classes
@@ -164,6 +168,69 @@ DATA = ['--num-images', '64', '--image-size', '16']
 @pytest.fixture(scope='module')
 def tok(tiny_vq):  # the shared 16-px VQ tokenizer of conftest.py
     return tiny_vq
+
+
+def test_maskgit_vqgan_keys_match_official():
+    path = os.path.join(KEYS, 'maskgit_vqgan.json')
+    if not os.path.exists(path):
+        pytest.skip(f'{path} not found')
+    ref = json.load(open(path))
+    with torch.device('meta'):
+        tok = vq.VQModel(vq.VQConfig(**rar.TOKENIZER_SIZES['MaskGIT-VQGAN']))
+    ours = {k: tuple(v.shape) for k, v in tok.state_dict().items()}
+    assert {tok.official_key(k): tuple(s) for k, s in ref['keys']} == ours and len(ours) == len(ref['keys'])
+    assert sum(p.numel() for p in tok.parameters()) == ref['num_params'] == 54_515_587
+
+
+def official_names(k, levels):  # ours -> MaskGIT's names (the inverse of vq.ldm_key for this network)
+    part, rest = k.split('.', 1)
+    m = re.match(r'conv_blocks\.(\d+)\.(res|upsample\.conv)(.*)', rest)
+    if not m:
+        return k
+    i, kind, tail = int(m[1]), m[2], m[3]
+    level = i if part == 'encoder' else levels - 1 - i
+    return f'{part}.{"down" if part == "encoder" else "up"}.{level}.' + ('block' if kind == 'res' else 'upsample_conv') + tail
+
+
+def test_maskgit_vqgan_equals_its_official_network_read_directly(tmp_path):
+    """A tiny MaskGIT-VQGAN (same structure) saved under the official names, bare (as the .bin), loads
+    through load_official; encode and decode_code equal the official network written out on those names:
+    [0, 1] pixels, bias-free residual convs, shortcut on h, avg-pool down, up levels run in reverse,
+    plain L2 codebook, decoder output clamped and saved as floor(255 x)."""
+    cfg = vq.VQConfig(codebook_size=16, codebook_embed_dim=32, codebook_l2_norm=False, codebook_show_usage=False,
+                      maskgit=True, ch=32, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2), z_channels=32)
+    torch.manual_seed(0)
+    sd = {official_names(k, 2): torch.randn_like(v) * (0.1 if v.dim() > 1 else 0.5) + (k.endswith('norm1.weight') or
+          k.endswith('norm2.weight')) for k, v in vq.VQModel(cfg).state_dict().items()}
+    torch.save(sd, tmp_path / 'maskgit.bin')
+    tok = llamagen.load_official(vq.VQModel(cfg), str(tmp_path / 'maskgit.bin')).eval()
+
+    def res(p, x):
+        gn = lambda h, n: F.silu(F.group_norm(h, 32, sd[p + n + '.weight'], sd[p + n + '.bias'], 1e-6))  # noqa: E731
+        h = F.conv2d(gn(F.conv2d(gn(x, 'norm1'), sd[p + 'conv1.weight'], padding=1), 'norm2'), sd[p + 'conv2.weight'], padding=1)
+        return h + (F.conv2d(h, sd[p + 'nin_shortcut.weight']) if p + 'nin_shortcut.weight' in sd else x)
+
+    def net(part, h):
+        conv = lambda h, n, pad=1: F.conv2d(h, sd[f'{part}.{n}.weight'], sd.get(f'{part}.{n}.bias'), padding=pad)  # noqa: E731
+        h = conv(h, 'conv_in')
+        for level in range(2) if part == 'encoder' else ():
+            h = res(f'encoder.down.{level}.block.1.', res(f'encoder.down.{level}.block.0.', h))
+            h = F.avg_pool2d(h, 2) if level == 0 else h
+        h = res(f'{part}.mid.1.', res(f'{part}.mid.0.', h))
+        for level in (1, 0) if part == 'decoder' else ():
+            h = res(f'decoder.up.{level}.block.1.', res(f'decoder.up.{level}.block.0.', h))
+            h = conv(F.interpolate(h, scale_factor=2.0, mode='nearest'), f'up.{level}.upsample_conv') if level else h
+        h = F.silu(F.group_norm(h, 32, sd[f'{part}.norm_out.weight'], sd[f'{part}.norm_out.bias'], 1e-6))
+        return conv(h, 'conv_out', 0 if part == 'encoder' else 1)
+
+    x = torch.rand(2, 3, 16, 16)  # official pixels in [0, 1]; ours in [-1, 1]
+    z = net('encoder', x).permute(0, 2, 3, 1).reshape(-1, 32)
+    ids = torch.cdist(z, sd['quantize.embedding.weight']).argmin(1).view(2, 8, 8)
+    assert torch.equal(tok.encode(x * 2 - 1), ids)
+    img = net('decoder', sd['quantize.embedding.weight'][ids].permute(0, 3, 1, 2))  # official: clamp, x255, truncate
+    official = (img.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    ours = sample.to_uint8(tok.decode_code(ids.flatten(1)))
+    assert (official.int() - ours.int()).abs().max() <= 1 and (official == ours).float().mean() > 0.99
 
 
 def test_trains_and_samples_on_the_builtin_dataset(tok, tmp_path):
