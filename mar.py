@@ -40,13 +40,18 @@ from vq import KL_SIZES as TOKENIZER_SIZES, KLConfig as TokenizerConfig, KLModel
 SIZES = {  # official encoder/decoder depth and width, DiffLoss of the released models (README)
     'mar_tiny': dict(encoder_embed_dim=128, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
                      decoder_num_heads=4, buffer_size=16, diffloss_d=3, diffloss_w=128, num_sampling_steps=50,
-                     diffusion_batch_mul=2, clip_denoised=10.0),  # CPU default, built-in data: 64 tokens, 16 buffer
+                     diffusion_batch_mul=2, clip_denoised=10.0, patch_size=2, attn_dropout=0.0, proj_dropout=0.0),
+    # CPU default, built-in data: 2x2 latent patches (16 tokens of 16 channels, as kl16's 16), 16 buffer positions
     'mar_base': dict(diffloss_d=6, diffloss_w=1024),  # 208M
     'mar_large': dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
                       decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),  # 479M
     'mar_huge': dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
                      decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),  # 943M
 }
+
+# the classroom run (train.py's defaults for this method): MAR learns slower per step than a token model (a
+# diffusion loss per token, 70-100% masked) and its tiny step is cheaper, so 2000 steps, about LlamaGen's time
+CLASSROOM = {'generator': dict(max_steps=2000)}
 
 
 @dataclass
@@ -239,10 +244,11 @@ class Model(nn.Module):
         self.nfe, n_masked = 0, L
         try:
             for step in range(num_iter):
-                reps = 2 if guided else 1
+                n_next, reps = next_mask_len(step, num_iter, L, n_masked), 2 if guided else 1
+                if n_next == n_masked and step < num_iter - 1:  # nothing to reveal (num_iter > L): the official
+                    continue  # code still runs the transformer and predicts no token; the output is the same
                 z = self.decode(self.encode(tokens.repeat(reps, 1, 1), mask.repeat(reps, 1), cls), mask.repeat(reps, 1))
                 self.nfe += 1
-                n_next = next_mask_len(step, num_iter, L, n_masked)
                 # predict the masked tokens that stay masked no longer: order positions [n_next, n_masked)
                 mask_next = random_mask(orders, n_next) if step < num_iter - 1 else torch.zeros_like(mask)
                 to_pred = mask & ~mask_next  # (B, L), the same count in every row

@@ -178,7 +178,7 @@ def main(argv=None):
         for _ in range(reps):
             sample(model, tok, labels, args, g)
         torch.cuda.synchronize() if device.type == 'cuda' else None
-        print(f'benchmark: {reps * args.batch_size / (time.time() - t0):.1f} images/s at batch {args.batch_size} on {device} '
+        print(f'benchmark: {reps * args.batch_size / (time.time() - t0):.3g} images/s at batch {args.batch_size} on {device} '
               f'({args.precision}), {model.nfe} forward calls per image')
     if args.num_samples:
         per_rank = math.ceil(args.num_samples / (world * args.batch_size)) * args.batch_size  # whole batches

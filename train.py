@@ -300,7 +300,7 @@ def parse_args(argv=None):
                        type={bool: lambda s: s.lower() in ('1', 'true', 'yes'), tuple: int}.get(kind, kind))
     p.add_argument('-h', '--help', action='help')
     args = p.parse_args(argv)
-    for k, v in STAGE_DEFAULTS[args.stage].items():  # unset stage flags take the classroom defaults
+    for k, v in {**STAGE_DEFAULTS[args.stage], **getattr(module, 'CLASSROOM', {}).get(args.stage, {})}.items():  # unset: classroom
         setattr(args, k, v) if getattr(args, k) is None else None
     sizes = module.SIZES if args.stage == 'generator' else tokenizer_sizes(module)
     args.model = args.model or next(k for k in sizes if k.endswith('tiny'))  # the method's CPU size

@@ -4,9 +4,9 @@
   python tests/results.py --methods llamagen rar --max-steps 400 --out results/table
   python tests/results.py --score samples.npz              # class accuracy of one sample.py --out file
 
-Each method trains with `python train.py --method M` at the same steps, batch and learning rate (its
-default tokenizer first, cached; the time of that stage is reported apart), then samples 8 images per
-class with its default knobs and the training grids' cfg scale.
+Each method trains with `python train.py --method M`, its classroom run (the same batch and learning rate;
+800 generator steps, MAR 2000, about the same time), its default tokenizer first (cached; that stage's time
+is reported apart), then samples with its default knobs and the training grids' cfg scale.
 
 Class accuracy needs no download: a small CNN, trained here on built-in images drawn with another seed
 than the training set, classifies the samples; the number is the fraction classified as the class they
@@ -93,7 +93,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', nargs='+', default=list(train.METHODS))
     p.add_argument('--out', default=os.path.join('results', 'table'))
-    p.add_argument('--max-steps', type=int, default=800)
+    p.add_argument('--max-steps', type=int, help="default: each method's classroom run (800 generator steps; MAR 2000)")
     p.add_argument('--samples', type=int, default=1000, help='for class accuracy (and FID)')
     p.add_argument('--score', help='only print the class accuracy of this .npz (arr_0 images, arr_1 labels)')
     args = p.parse_args()
@@ -106,7 +106,7 @@ def main():
     for m in args.methods:
         run_dir, t0 = os.path.join(out, f'{m}-generator'), time.time()
         if not os.path.exists(os.path.join(run_dir, 'last.pt')):  # (the default tokenizer first, if not cached)
-            run(['train.py', '--method', m, '--results-dir', out, '--run-dir', run_dir, '--max-steps', str(args.max_steps)])
+            run(['train.py', '--method', m, '--results-dir', out, '--run-dir', run_dir] + (['--max-steps', str(args.max_steps)] if args.max_steps else []))
         rec = last_log(run_dir)  # the generator stage's last log line: loss, tokens/s, elapsed
         bench = run(['sample.py', '--ckpt', os.path.join(run_dir, 'last.pt'), '--benchmark', '--batch-size', '50'])
         ips, nfe = float(bench.split('benchmark: ')[1].split()[0]), int(bench.split('), ')[1].split()[0])

@@ -136,6 +136,9 @@ def test_tokens_per_step_follow_the_cosine_schedule():
     assert seen == per_step and sum(seen) == 3 * 64  # every token predicted exactly once
     model.generate(torch.tensor([1]), num_iter=10, cfg_scale=2.0)
     assert seen[10:] == [2 * c // 3 for c in per_step]  # CFG: conditional and unconditional rows
+    seen.clear()  # more steps than tokens: the steps that reveal nothing skip the transformer call
+    model.generate(torch.tensor([0]), num_iter=100, generator=torch.Generator().manual_seed(0))
+    assert model.nfe == len(seen) == 64 and min(seen) >= 1 and sum(seen) == 64  # not 100 calls
 
 
 def test_generation_is_reproducible_and_cfg_one_is_the_unguided_path():
