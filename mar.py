@@ -14,7 +14,7 @@ cosine schedule, each step sampling all its tokens at once by reverse diffusion.
 
 Changes vs llamagen.py:
   - tokens are continuous latents (vq.KLModel), not codebook ids; the head is DiffLoss, not a Linear
-  - bidirectional attention (the core's attend with an all-True mask), timm-style blocks (LayerNorm,
+  - bidirectional attention (SDPA with no mask: flash kernels on GPU), timm-style blocks (LayerNorm,
     biases, GELU), learned absolute position embeddings instead of RoPE, no KV cache
   - the class embedding fills 64 buffer positions; CFG's null class is the learned fake_latent
   - forward: one masked-prediction step (random order, truncated-normal mask ratio), loss = DiffLoss
@@ -114,19 +114,18 @@ def next_mask_len(step, num_iter, L, n_masked):
 
 
 # --- model ---------------------------------------------------------------------------------------------
-class Attention(nn.Module):  # timm's: fused qkv with bias, no RoPE; the core's SDPA, bidirectional
-    attend = llamagen.Attention.attend
-
+class Attention(nn.Module):  # timm's: fused qkv with bias, no RoPE, bidirectional
     def __init__(self, dim, n_head, attn_drop, proj_drop):
         super().__init__()
-        self.n_head, self.attn_dropout_p, self.kv_cache = n_head, attn_drop, None  # the fields attend reads
+        self.n_head, self.attn_dropout_p = n_head, attn_drop
         self.qkv, self.proj, self.proj_drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(proj_drop)
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
-        everyone = torch.ones(1, 1, dtype=torch.bool, device=x.device)  # every position sees every other
-        return self.proj_drop(self.proj(self.attend(q, k, v, 0, everyone).transpose(1, 2).reshape(B, T, C)))
+        # no mask at all: a broadcast all-True mask fails in CUDA's fp32 kernels (its last dim must be contiguous)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Mlp(nn.Module):  # timm's: fc1, exact GELU, dropout, fc2, dropout
