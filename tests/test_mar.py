@@ -164,6 +164,14 @@ def test_attention_is_bidirectional():
     assert torch.equal(mar.unpatchify(mar.patchify(x, 2), 2, 4), x)
 
 
+def test_attention_is_timms_formula():  # softmax(q k^T / sqrt(D)) v over every position, no mask
+    torch.manual_seed(0)
+    attn, x = mar.Attention(32, 4, 0.0, 0.0).eval(), torch.randn(2, 7, 32)
+    q, k, v = attn.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+    y = ((q @ k.transpose(-1, -2)) / 8 ** 0.5).softmax(-1) @ v
+    assert torch.allclose(attn(x), attn.proj(y.transpose(1, 2).reshape(2, 7, 32)), atol=1e-5)
+
+
 DATA = ['--num-images', '64', '--image-size', '16']
 
 
