@@ -278,14 +278,13 @@ def parse_args(argv=None):
     p.add_argument('--model', help="size: the method's SIZES (generator) or TOKENIZER_SIZES (tokenizer); default: its '-tiny' one")
     p.add_argument('--data-path', help='ImageFolder root (default: the built-in dataset)')
     p.add_argument('--tokenizer', help='tokenizer checkpoint, ours or official (default: train one, cache it)')
-    p.add_argument('--results-dir', default='results')
     p.add_argument('--run-dir', help='default: RESULTS_DIR/NNN-METHOD-STAGE')
     p.add_argument('--resume', help='RUN/last.pt: continue that run exactly')
     p.add_argument('--lr-schedule', choices=('constant', 'cosine'), default='constant')
     for name, kind in (('epochs', int), ('max-steps', int), ('global-batch-size', int), ('lr', float), ('warmup-steps', int)):
         p.add_argument('--' + name, type=kind, help='default: STAGE_DEFAULTS (--epochs overrides --max-steps)')
     for name, default, help in (
-            ('num-images', 10000, 'size of the built-in dataset'), ('image-size', 32, None), ('seed', 0, None),
+            ('results-dir', 'results', None), ('num-images', 10000, 'size of the built-in dataset'), ('image-size', 32, None), ('seed', 0, None),
             ('end-lr', 1e-5, 'floor of the cosine schedule'), ('weight-decay', 0.05, None), ('ema', 0.0, 'EMA decay (0: none)'),
             ('disc-start', 20000, 'tokenizer: the step the PatchGAN loss starts'), ('disc-weight', 0.5, None), ('grad-clip', 1.0, 'MAR: 3.0'),
             ('lpips', '', 'tokenizer: perceptual loss from VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)'),
@@ -302,8 +301,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for k, v in {**STAGE_DEFAULTS[args.stage], **getattr(module, 'CLASSROOM', {}).get(args.stage, {})}.items():  # unset: classroom
         setattr(args, k, v) if getattr(args, k) is None else None
-    sizes = module.SIZES if args.stage == 'generator' else tokenizer_sizes(module)
-    args.model = args.model or next(k for k in sizes if k.endswith('tiny'))  # the method's CPU size
+    args.model = args.model or next(k for k in (module.SIZES if args.stage == 'generator' else tokenizer_sizes(module)) if k.endswith('tiny'))
+    if args.resume:  # continue in the run's own directory, with the tokenizer it was trained on
+        args.run_dir, args.tokenizer = args.run_dir or os.path.dirname(args.resume), args.tokenizer or load_checkpoint(args.resume).get('tokenizer')
     return args, module
 
 

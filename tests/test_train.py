@@ -68,7 +68,8 @@ def test_resume_continues_the_exact_loss_sequence(tok, tmp_path):
     args = GEN + ['--tokenizer', tok, '--results-dir', str(tmp_path), '--warmup-steps', '4']  # dropout on
     train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])
     train.main(args + ['--max-steps', '3', '--run-dir', str(tmp_path / 'b')])  # stop after 3 steps ...
-    train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'b'), '--resume', str(tmp_path / 'b' / 'last.pt')])
+    resume = GEN + ['--results-dir', str(tmp_path), '--warmup-steps', '4', '--max-steps', '6']  # run dir, tokenizer: the run's
+    train.main(resume + ['--resume', str(tmp_path / 'b' / 'last.pt')])
     assert len(losses(tmp_path / 'a')) == 6 and losses(tmp_path / 'b') == losses(tmp_path / 'a')  # ... bit for bit
     with pytest.raises(SystemExit, match='exists; pass --resume'):  # a finished run is not overwritten
         train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])
