@@ -39,11 +39,12 @@ from vq import KL_SIZES as TOKENIZER_SIZES, KLConfig as TokenizerConfig, KLModel
 
 SIZES = {  # official encoder/decoder depth and width, DiffLoss of the released models (README)
     'mar_tiny': dict(encoder_embed_dim=128, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=3,
-                     decoder_num_heads=4, buffer_size=16, diffloss_d=3, diffloss_w=128, num_sampling_steps=50,
+                     decoder_num_heads=4, buffer_size=4, diffloss_d=3, diffloss_w=128, num_sampling_steps=50,
                      diffusion_batch_mul=2, clip_denoised=10.0, patch_size=2, attn_dropout=0.0, proj_dropout=0.0,
-                     mask_ratio_min=0.5),
-    # CPU default, built-in data: 2x2 latent patches (16 tokens of 16 channels, as kl16's 16), 16 buffer positions;
-    # 50-100% masked (paper 70-100%): with 16 tokens the 0.7 floor never shows the encoder more than 4 of them
+                     mask_ratio_min=0.5, init_std=0.2),
+    # CPU default, built-in data: 2x2 latent patches (16 tokens of 16 channels, as kl16's 16), 4 buffer positions;
+    # 50-100% masked (paper 70-100%): with 16 tokens the 0.7 floor never shows the encoder more than 4 of them;
+    # embeddings start at std 0.2: at 0.02 the positions are ~3% of a LayerNormed token and take 1000s of steps to grow
     'mar_base': dict(diffloss_d=6, diffloss_w=1024),  # 208M
     'mar_large': dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
                       decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),  # 479M
@@ -52,8 +53,8 @@ SIZES = {  # official encoder/decoder depth and width, DiffLoss of the released 
 }
 
 # the classroom run (train.py's defaults for this method): MAR learns far slower per step than a token model (a
-# diffusion loss per token; position relations from learned embeddings, no RoPE). Shapes appear near 6000 steps
-CLASSROOM = {'generator': dict(max_steps=6000)}
+# diffusion loss per token; position relations from learned embeddings, no RoPE): 4000 steps, cosine to 1e-5
+CLASSROOM = {'generator': dict(max_steps=4000, lr_schedule='cosine')}
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Config:  # official names (models/mar.py); defaults: MAR-B with the constr
     diffloss_w: int = 1024  # MLP width (paper: 1024; 1024 / 1280 / 1536 for B / L / H)
     num_sampling_steps: int = 100  # respaced diffusion steps when sampling (paper 100)
     diffusion_batch_mul: int = 4  # DiffLoss draws per token and step, reusing z (official README: 4)
+    init_std: float = 0.02  # learned embeddings (positions, class, mask, null class); official 0.02
     clip_denoised: float = 0.0  # sampling: clamp DiffLoss's x0 estimate to +-this; 0 = off (official). On for
     #                             the CPU size: a briefly trained head explodes at t ~ T (see DiffLoss.sample)
 
@@ -174,7 +176,7 @@ class Model(nn.Module):
         self.decoder_norm = nn.LayerNorm(Cd, eps=1e-6)
         for p in (self.fake_latent, self.encoder_pos_embed_learned, self.mask_token, self.decoder_pos_embed_learned,
                   self.diffusion_pos_embed_learned, self.class_emb.weight):
-            nn.init.normal_(p, std=0.02)
+            nn.init.normal_(p, std=cfg.init_std)
         for m in self.modules():  # before DiffLoss exists: it keeps its own init
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

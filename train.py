@@ -26,8 +26,8 @@ from sample import derived_fields, load_checkpoint, load_tokenizer, save_checkpo
 
 METHODS = tuple(m for m in ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar') if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), m + '.py')))
 STAGE_DEFAULTS = {  # the classroom run on the built-in dataset (model: the method's size ending in 'tiny')
-    'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0),
-    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100)}
+    'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0, lr_schedule='constant'),
+    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100, lr_schedule='constant')}
 
 # --- data: the built-in dataset ---------------------------------------------------------------------
 CLASSES = ('red disk', 'blue square', 'green triangle', 'yellow ring', 'magenta cross',
@@ -280,7 +280,7 @@ def parse_args(argv=None):
     p.add_argument('--tokenizer', help='tokenizer checkpoint, ours or official (default: train one, cache it)')
     p.add_argument('--run-dir', help='default: RESULTS_DIR/NNN-METHOD-STAGE')
     p.add_argument('--resume', help='RUN/last.pt: continue that run exactly')
-    p.add_argument('--lr-schedule', choices=('constant', 'cosine'), default='constant')
+    p.add_argument('--lr-schedule', choices=('constant', 'cosine'), help='default: constant (MAR classroom: cosine)')
     for name, kind in (('epochs', int), ('max-steps', int), ('global-batch-size', int), ('lr', float), ('warmup-steps', int)):
         p.add_argument('--' + name, type=kind, help='default: STAGE_DEFAULTS (--epochs overrides --max-steps)')
     for name, default, help in (

@@ -5,7 +5,7 @@
   python tests/results.py --score samples.npz              # class accuracy of one sample.py --out file
 
 Each method trains with `python train.py --method M`, its classroom run (the same batch and learning rate;
-800 generator steps; MAR 6000, about 4x the time), its default tokenizer first (cached; that stage's time
+800 generator steps; MAR 4000, about 2x the time), its default tokenizer first (cached; that stage's time
 is reported apart), then samples with its default knobs and the training grids' cfg scale.
 
 Class accuracy needs no download: a small CNN, trained here on built-in images drawn with another seed
@@ -93,7 +93,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', nargs='+', default=list(train.METHODS))
     p.add_argument('--out', default=os.path.join('results', 'table'))
-    p.add_argument('--max-steps', type=int, help="default: each method's classroom run (800 generator steps; MAR 6000)")
+    p.add_argument('--max-steps', type=int, help="default: each method's classroom run (800 generator steps; MAR 4000)")
     p.add_argument('--samples', type=int, default=1000, help='for class accuracy (and FID)')
     p.add_argument('--score', help='only print the class accuracy of this .npz (arr_0 images, arr_1 labels)')
     args = p.parse_args()

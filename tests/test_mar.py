@@ -1,7 +1,8 @@
 """MAR (mar.py) and its KL tokenizer (vq.KLModel): official keys (MAR-B, kl16 through the loader), the
 truncated-normal mask ratio and ceil(L r) masked tokens per row, the cosine schedule of tokens per
 step, reproducible generation from a torch.Generator, CFG at scale 1 = the unguided path, the KL
-tokenizer's shapes, scale factor and KL term, and a tiny train + sample run on the built-in dataset."""
+tokenizer's shapes, scale factor and KL term, the classroom defaults (cosine LR, embedding init) and a tiny
+train + sample run on the built-in dataset."""
 import json
 import math
 import os
@@ -173,6 +174,20 @@ def test_attention_is_timms_formula():  # softmax(q k^T / sqrt(D)) v over every 
 
 
 DATA = ['--num-images', '64', '--image-size', '16']
+
+
+def test_classroom_run_decays_the_lr_and_scales_the_embeddings():
+    args, _ = train.parse_args(['--method', 'mar'])  # mar.CLASSROOM over STAGE_DEFAULTS; flags over both
+    assert (args.max_steps, args.lr_schedule, args.lr) == (4000, 'cosine', 1e-3)
+    assert train.parse_args(['--method', 'mar', '--lr-schedule', 'constant'])[0].lr_schedule == 'constant'
+    assert train.parse_args(['--method', 'llamagen'])[0].lr_schedule == 'constant'
+    assert abs(train.lr_at(3999, 4000, args) - args.end_lr) < 1e-8 and train.lr_at(2050, 4000, args) < 0.55 * args.lr
+    for std in (0.02, 0.2):  # init_std reaches every learned embedding, and nothing else
+        model = mar.Model(mar.Config(**{**mar.SIZES['mar_tiny'], 'img_size': 32, 'vae_stride': 4, 'vae_embed_dim': 4,
+                                        'num_classes': 10, 'init_std': std}))
+        for p in (model.encoder_pos_embed_learned, model.decoder_pos_embed_learned, model.class_emb.weight):
+            assert abs(p.std().item() / std - 1) < 0.15
+        assert model.diffloss.net.final_layer.linear.weight.abs().max() == 0
 
 
 def test_trains_and_samples_on_the_builtin_dataset(tmp_path):
