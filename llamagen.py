@@ -2,29 +2,52 @@
 LlamaGen: "Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation"
 (Sun et al., 2024), arXiv:2406.06525. Official code: FoundationVision/LlamaGen.
 
-The GPT core that every token-based method here subclasses, and LlamaGen class-to-image generation
-with it. A LLaMA decoder (RMSNorm, SwiGLU, 2-D RoPE, no biases) predicts the VQ tokens of an image
-one at a time in raster order. The class embedding is a one-token prefix. For classifier-free
-guidance the class is replaced by a learned null class 10% of the time in training; at sampling a
-conditional and an unconditional sequence run side by side in one doubled batch.
+The GPT core that the token-based methods build on, and LlamaGen class-to-image generation with it.
+A LLaMA decoder (RMSNorm, SwiGLU, 2-D RoPE, no biases) predicts the VQ tokens of an image one at a
+time in raster order. The class embedding is a one-token prefix. For classifier-free guidance the
+class is replaced by a learned null class 10% of the time in training; at sampling a conditional and
+an unconditional sequence run side by side in one doubled batch.
 
-Hooks for the methods (override the smallest one and call super() where it helps):
+The method contract. Every method module (llamagen, npp, par, rar, iar2, mar) exports the same
+names, so train.py and sample.py never name a method:
+  Config, Model, TokenizerConfig, Tokenizer    the generator and its tokenizer
+  SIZES, TOKENIZER_SIZES                       named config overrides; a CPU size ends in 'tiny'
+  CLASSROOM                                    train.py defaults per stage for the built-in data
+  PAPER                                        each released model's sampling settings (--official)
+  derive_config(tok, image_size, num_classes)  the Config fields that the tokenizer and data fix
+  param_groups(model, weight_decay)            AdamW groups
+  load_official(model, path)                   an official checkpoint, strictly
+and every tokenizer and generator works the same way:
+  codes = tok.encode(img)             img (B, 3, H, W) in [-1, 1] -> what is cached
+  x = tok.training_input(codes)       what the generator trains on (MAR: a posterior sample)
+  out, loss = model(x, labels)        out: the method's predictions; loss: a scalar
+  lr_scale = model.on_step(step, total_steps)   a float sets the step's LR to --lr times it
+  codes = model.generate(labels, generator=g, **knobs)   one tensor; model.nfe counts forward calls
+  img = tok.decode_code(codes)
+Tokenizer training adds tok(img) -> (reconstruction, losses), tok.on_step, tok.calibrate(img) once
+at the end, and tok.metrics() for the log.
+
+Hooks of the core Model (overridden by the methods that change them):
   rope_table()          (prefix + T, D/2, 2) RoPE table in the method's sequence order
   attn_mask(S, device)  (S, S) bool mask in the method's order; None = plain causal (SDPA is_causal)
-  forward / generate    built from embed pieces, backbone(), decode() and sample_logits()
-  guidance(t, scale)    the CFG scale of image token t (constant; RAR: a schedule)
+  backbone / decode     the layers over embeddings; one cached forward call of generate
 Train: torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B --data-path ...
-Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook size.
+Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook.
 """
 import argparse
+import hashlib
 import math
-from dataclasses import dataclass
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vq import VQConfig as TokenizerConfig, VQModel as Tokenizer  # noqa: F401 (the method contract)
+from vq import VQ_SIZES as TOKENIZER_SIZES  # noqa: F401 (re-exported: the method contract)
+from vq import VQConfig as TokenizerConfig  # noqa: F401
+from vq import VQModel as Tokenizer  # noqa: F401
 
 SIZES = {  # official depth / heads / width; head dim 64 (GPT-3B: 100)
     'GPT-tiny': dict(n_layer=4, n_head=4, dim=128),  # CPU default for the built-in dataset
@@ -33,6 +56,17 @@ SIZES = {  # official depth / heads / width; head dim 64 (GPT-3B: 100)
     'GPT-XL': dict(n_layer=36, n_head=20, dim=1280),  # 775M
     'GPT-XXL': dict(n_layer=48, n_head=24, dim=1536),  # 1.4B
     'GPT-3B': dict(n_layer=24, n_head=32, dim=3200),  # 3.1B
+}
+
+CLASSROOM = {}  # train.py's shared defaults suit LlamaGen: nothing to change
+
+# sample.py --official: the paper's FID settings per released model (XL and larger: 384 px)
+PAPER = {
+    'GPT-B': dict(cfg_scale=2.0),
+    'GPT-L': dict(cfg_scale=2.0),
+    'GPT-XL': dict(cfg_scale=1.75, image_size=384),
+    'GPT-XXL': dict(cfg_scale=1.75, image_size=384),
+    'GPT-3B': dict(cfg_scale=1.65, image_size=384),
 }
 
 
@@ -56,6 +90,20 @@ class Config:
     block_size: int = 256  # image tokens h*w; the grid is square
 
 
+def derive_config(tok, image_size, num_classes):
+    """The Config fields that the tokenizer and the data fix, by the official names."""
+    return dict(vocab_size=tok.cfg.codebook_size, block_size=(image_size // tok.stride) ** 2,
+                num_classes=num_classes)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: weight decay on matrices and embeddings (>= 2-D), none on norms and biases."""
+    params = list(model.parameters())
+    return [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+
+
+# --- building blocks ---------------------------------------------------------------------------
 def find_multiple(n, k):
     return n if n % k == 0 else n + k - n % k
 
@@ -79,8 +127,22 @@ def apply_rope(x, freqs):
     """x (B, T, H, D), freqs (T, D/2, 2): rotate interleaved pairs (x[2i], x[2i+1]) in fp32."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
     cos, sin = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]  # (1, T, 1, D/2)
-    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], -1)
-    return out.flatten(3).type_as(x)
+    real = xs[..., 0] * cos - xs[..., 1] * sin
+    imag = xs[..., 1] * cos + xs[..., 0] * sin
+    return torch.stack([real, imag], -1).flatten(3).type_as(x)
+
+
+def attend(q, k, v, cache=None, start=0, mask=None, dropout_p=0.0):
+    """q, k, v (B, H, T, D) -> (B, H, T, D). With a cache (k, v each (B, H, S, D)) the new keys and
+    values are written at positions start..start+T-1 and the queries see the first start+T cached
+    ones through mask (T, start+T). Without a cache and mask: plain causal attention."""
+    if cache is not None:
+        end = start + q.shape[2]
+        cache[0][:, :, start:end] = k
+        cache[1][:, :, start:end] = v
+        k, v = cache[0][:, :, :end], cache[1][:, :, :end]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=mask is None)
 
 
 class RMSNorm(nn.Module):
@@ -91,7 +153,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):  # normalise in fp32, cast back, then scale (official order)
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):  # SwiGLU: w2(silu(w1 x) * w3 x)
@@ -110,31 +173,22 @@ class FeedForward(nn.Module):  # SwiGLU: w2(silu(w1 x) * w3 x)
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.dim // cfg.n_head
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.dim // cfg.n_head
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # rows: [q | k | v]
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
-        self.kv_cache = None  # (k, v) each (B, H, S, D) while generating; never in the state dict
+        self.kv_cache = None  # (k, v) each (B, H, S, D) inside kv_caches(); never in the state dict
 
     def forward(self, x, freqs, start=0, mask=None):
         B, T, C = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, H, D)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start, mask)
-        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
-
-    def attend(self, q, k, v, start, mask):
-        """q, k, v (B, H, T, D) -> (B, H, T, D). With a cache, the new keys/values are written at
-        positions start..start+T-1 and the queries see the first start+T cached ones through mask
-        (T, start+T). Without a cache and mask, plain causal attention."""
-        if self.kv_cache is not None:
-            end = start + q.shape[2]
-            self.kv_cache[0][:, :, start:end] = k
-            self.kv_cache[1][:, :, start:end] = v
-            k, v = self.kv_cache[0][:, :, :end], self.kv_cache[1][:, :, :end]
         p = self.attn_dropout_p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        y = attend(q, k, v, self.kv_cache, start, mask, p)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class TransformerBlock(nn.Module):  # pre-norm: x + attn(norm(x)), then h + ffn(norm(h))
@@ -153,8 +207,9 @@ class TransformerBlock(nn.Module):  # pre-norm: x + attn(norm(x)), then h + ffn(
 class LabelEmbedder(nn.Module):
     def __init__(self, num_classes, dim, dropout_prob):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)  # last row: null class
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)  # last: null
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
 
     def forward(self, labels):  # (B,) -> (B, 1, C)
         if self.training and self.dropout_prob > 0:  # drop labels to the null class, for CFG
@@ -163,19 +218,15 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)[:, None]
 
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits (B, V) -> (B, 1) sampled ids. Official order: temperature, top-k, top-p, softmax."""
-    logits = logits / max(temperature, 1e-5)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float('inf'))
-    if top_p < 1.0:  # drop the tail once the sorted mass passes top_p, keeping the first token above it
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        remove = sorted_logits.softmax(-1).cumsum(-1) > top_p
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        logits = logits.masked_fill(remove.scatter(-1, idx, remove), -float('inf'))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+# --- sampling pieces, shared by every method ---------------------------------------------------
+def guided(*scales):
+    """Whether classifier-free guidance runs: any scale but 1 (1 is the conditional alone)."""
+    return any(s != 1.0 for s in scales)
+
+
+def cfg_batch(labels, num_classes):
+    """(B,) -> (2B,): the labels, then the null class (num_classes), for one doubled CFG batch."""
+    return torch.cat([labels, torch.full_like(labels, num_classes)])
 
 
 def cfg_mix(logits, scale):
@@ -184,6 +235,49 @@ def cfg_mix(logits, scale):
     return uncond + (cond - uncond) * scale
 
 
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) -> (B, 1) sampled ids. Official order: temperature, top-k, top-p, softmax."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -float('inf'))
+    if top_p < 1.0:  # drop the tail past a sorted mass of top_p, keeping the token that crosses it
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        remove = sorted_logits.softmax(-1).cumsum(-1) > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), -float('inf'))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@contextmanager
+def kv_caches(module, batch, length, dtype, device):
+    """Preallocate the (k, v) cache, (batch, H, length, D) each, of every attention layer inside
+    module (anything with a kv_cache attribute); removed on exit, so training never sees one."""
+    layers = [m for m in module.modules() if hasattr(m, 'kv_cache')]
+    for attn in layers:
+        shape = (batch, attn.n_head, length, attn.head_dim)
+        k = torch.zeros(shape, dtype=dtype, device=device)
+        attn.kv_cache = (k, torch.zeros_like(k))
+    try:
+        yield
+    finally:
+        for attn in layers:
+            attn.kv_cache = None
+
+
+@contextmanager
+def eval_mode(model):
+    """model.eval() for the duration of a generate call, then the mode it had."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+# --- the model ---------------------------------------------------------------------------------
 class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -196,7 +290,8 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # not tied to tok_embeddings
-        self.freqs_cis = self.rope_table()  # a plain attribute, not a buffer: official state dicts have no RoPE table
+        # a plain attribute, not a buffer: official state dicts have no RoPE table
+        self.freqs_cis = self.rope_table()
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # official init: logits start uniform
         self.nfe = 0  # forward calls of the last generate()
@@ -230,24 +325,16 @@ class Model(nn.Module):
     def forward(self, tokens, labels):
         """Teacher forcing. tokens (B, L) raster order, labels (B,) -> logits (B, L, V), loss.
         Position j sees the class and tokens < j and predicts token j."""
-        x = torch.cat([self.cls_embedding(labels), self.tok_embeddings(tokens[:, :-1])], dim=1)  # (B, L, C)
-        logits = self.backbone(self.tok_dropout(x), self.rope(x.device)[: x.shape[1]])
+        x = torch.cat([self.cls_embedding(labels), self.tok_embeddings(tokens[:, :-1])], dim=1)
+        logits = self.backbone(self.tok_dropout(x), self.rope(x.device)[: x.shape[1]])  # (B, L, V)
         return logits, F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
-    def on_step(self, step, total_steps):  # training schedules (NPP stages, RAR annealing): called before
-        return None  # each step; a float return sets that step's LR to --lr times it. Nothing in LlamaGen.
+    def on_step(self, step, total_steps):
+        """Called before each training step (NPP stages, RAR annealing); a float return sets that
+        step's LR to --lr times it. Nothing in LlamaGen."""
+        return None
 
-    # --- generation -----------------------------------------------------------------------------
-    def setup_cache(self, batch, S, dtype, device):  # preallocated once per generate
-        shape = (batch, self.cfg.n_head, S, self.cfg.dim // self.cfg.n_head)
-        for attn in (m for m in self.modules() if isinstance(m, Attention)):  # any block layout (RAR's too)
-            attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
-                             torch.zeros(shape, dtype=dtype, device=device))
-
-    def clear_cache(self):
-        for attn in (m for m in self.modules() if isinstance(m, Attention)):
-            attn.kv_cache = None
-
+    # --- generation ----------------------------------------------------------------------------
     def decode(self, x, start, mask):
         """One cached forward call: x (B, T, C) enters at positions start..start+T-1 of the
         method's sequence; mask is the full (S, S) mask. -> (B, T, V) logits."""
@@ -255,65 +342,119 @@ class Model(nn.Module):
         end = start + x.shape[1]
         return self.backbone(x, self.rope(x.device)[start:end], start, mask[start:end, :end])
 
-    def guidance(self, t, cfg_scale):  # the CFG scale for image token t: constant here, a schedule in RAR
-        return cfg_scale
-
-    def cfg_labels(self, labels, cfg_scale):  # conditional first, then the null class
-        if cfg_scale > 1.0:
-            return torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)])
-        return labels
-
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, cfg_interval=-1,
                  generator=None):
         """labels (B,) -> tokens (B, h*w) in raster order, with a KV cache: 1 + (L-1) forward calls.
-        cfg_interval > -1: guidance only for the first cfg_interval + 2 tokens (official meaning)."""
-        training, (B, L, P) = self.training, (len(labels), self.cfg.block_size, self.cfg.cls_token_num)
-        self.eval()
-        cond = self.cfg_labels(labels, cfg_scale)
+        cfg_interval > -1: guidance only for the first cfg_interval + 2 tokens (official)."""
+        B, L, P = len(labels), self.cfg.block_size, self.cfg.cls_token_num
         S, device = P + L, labels.device
+        cfg = guided(cfg_scale)
+        cond = cfg_batch(labels, self.cfg.num_classes) if cfg else labels
         mask = self.attn_mask(S, device)
         mask = torch.ones(S, S, dtype=torch.bool, device=device).tril() if mask is None else mask
-        self.setup_cache(len(cond), S, self.tok_embeddings.weight.dtype, device)
-        self.nfe, tokens = 0, torch.empty(B, L, dtype=torch.long, device=device)
-        try:
+        tokens = torch.empty(B, L, dtype=torch.long, device=device)
+        self.nfe = 0
+        dtype = self.tok_embeddings.weight.dtype
+        with eval_mode(self), kv_caches(self, len(cond), S, dtype, device):
             logits = self.decode(self.cls_embedding(cond), 0, mask)[:, -1]  # (B or 2B, V)
             for t in range(L):
-                if cfg_scale > 1.0:
-                    use = cfg_interval < 0 or t <= cfg_interval + 1
-                    logits = cfg_mix(logits, self.guidance(t, cfg_scale)) if use else logits[:B]
-                tokens[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)[:, 0]
+                if cfg and (cfg_interval < 0 or t <= cfg_interval + 1):
+                    logits = cfg_mix(logits, cfg_scale)
+                tokens[:, t] = sample_logits(logits[:B], temperature, top_k, top_p, generator)[:, 0]
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.tok_embeddings(tokens[:, t:t + 1].repeat(len(cond) // B, 1))
                     logits = self.decode(x, P + t, mask)[:, -1]
-        finally:
-            self.clear_cache()
-            self.train(training)
         return tokens
 
 
-# --- official checkpoints -------------------------------------------------------------------------
-def load_official(model, path, wrappers=('model', 'module', 'state_dict', 'ema', 'model_ema')):
-    """Load an official checkpoint strictly, its state dict found under the first of `wrappers` present (or
-    bare). Official files pickle an argparse.Namespace: weights_only=True with that one class allow-listed."""
+# --- files: the one place every script and method reads a checkpoint ----------------------------
+def save_checkpoint(obj, path):
+    """Plain dicts, loadable with weights_only=True, written atomically: a crash mid-write never
+    leaves a broken file."""
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_file(path):
+    """A checkpoint file as a dict, with weights_only=True. Official files pickle an argparse
+    Namespace: that one class is allow-listed, nothing else runs."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'{path}: no such checkpoint')
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # an UnpicklingError names the refused global
-        raise SystemExit(f'{path}: refusing to load (weights_only=True): {str(e).splitlines()[0]}')
-    sd = next((ckpt[k] for k in wrappers if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):  # weights_only lets lists through
-        raise SystemExit(f'{path}: no state dict found (a {type(sd).__name__}, not a dict of tensors)')
-    key = getattr(model, 'official_key', lambda k: k)  # official names -> ours, None: not kept (vq.py tokenizers)
-    sd = {key(k.removeprefix('module.').removeprefix('_orig_mod.').removeprefix('module.')): v for k, v in sd.items()
-          if not k.endswith('freqs_cis') and 'kv_cache' not in k}  # runtime-only keys dropped
+    except Exception as e:  # e.g. an UnpicklingError naming a refused global
+        first = str(e).splitlines()[0]
+        raise SystemExit(f'{path}: refusing to load (weights_only=True): {first}') from None
+    if not isinstance(ckpt, dict):  # weights_only lets plain tensors and lists through
+        raise SystemExit(f'{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)')
+    return ckpt
+
+
+def check_run(ckpt, path, method, stage):
+    """Stop with one line unless ckpt (from path) is our `stage` checkpoint of `method`."""
+    if ckpt.get('method') != method or ckpt.get('stage') != stage:
+        found = f'{ckpt.get("method")} {ckpt.get("stage")}' if 'stage' in ckpt else 'an official'
+        raise SystemExit(f'{path}: {found} checkpoint, not a {method} {stage} one')
+
+
+def load_official(model, path, wrappers=('model', 'module', 'state_dict', 'ema', 'model_ema')):
+    """Load an official checkpoint strictly: its state dict is under the first of `wrappers`
+    present, or bare. Names map through model.official_key where the model has one."""
+    ckpt = load_file(path)
+    sd = next((ckpt[k] for k in wrappers if isinstance(ckpt.get(k), dict)), ckpt)
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        raise SystemExit(f'{path}: no state dict found (not a dict of tensors)')
+    key = getattr(model, 'official_key', lambda k: k)  # official names -> ours; None: not kept
+    sd = {key(k.removeprefix('module.').removeprefix('_orig_mod.').removeprefix('module.')): v
+          for k, v in sd.items() if not k.endswith('freqs_cis') and 'kv_cache' not in k}
     sd.pop(None, None)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    wrong = [(k, tuple(sd[k].shape)) for k in want if k in sd and tuple(sd[k].shape) != want[k]]
     if missing or unexpected or wrong:
         raise SystemExit(f'{path}: not a checkpoint of this model/size: {len(missing)} missing '
                          f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, '
-                         f'{len(wrong)} of another shape {[(k, tuple(sd[k].shape)) for k in wrong[:2]]}')
+                         f'{len(wrong)} of another shape {wrong[:2]}')
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def load_tokenizer(module, path, size=None):
+    """The method's tokenizer from path: ours (its EMA weights if any), or an official file of
+    size TOKENIZER_SIZES[size] (default: the paper's, the first)."""
+    ckpt = load_file(path)
+    if ckpt.get('stage') != 'tokenizer':  # an official file
+        size = size or next(iter(module.TOKENIZER_SIZES))
+        cfg = module.TokenizerConfig(**module.TOKENIZER_SIZES[size])
+        return module.load_official(module.Tokenizer(cfg), path)
+    if ckpt['kind'] != module.Tokenizer.__name__:
+        raise SystemExit(f'{path}: a {ckpt["kind"]} tokenizer; --method {module.__name__} needs a '
+                         f'{module.Tokenizer.__name__}')
+    tok = module.Tokenizer(module.TokenizerConfig(**ckpt['config']))
+    tok.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    return tok
+
+
+def tokenizer_file(tok, method):
+    """A tokenizer as our plain checkpoint dict: what a generator run keeps as RUN/tokenizer.pt."""
+    return dict(model=tok.state_dict(), method=method, stage='tokenizer', kind=type(tok).__name__,
+                config=asdict(tok.cfg))
+
+
+def tokenizer_key(tok):
+    """A short hash of the tokenizer's config and weights: its cached codes are found by it."""
+    h = hashlib.sha1(repr(tok.cfg).encode())
+    for v in tok.state_dict().values():
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_generator(module, ckpt, path):
+    """Our generator run -> (model, tokenizer) on CPU: EMA weights if any, and the tokenizer kept
+    beside the checkpoint (RUN/tokenizer.pt), so a run can be moved anywhere."""
+    model = module.Model(module.Config(**ckpt['config']))
+    model.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    tok_path = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt['tokenizer'])
+    return model, load_tokenizer(module, tok_path)

@@ -13,6 +13,7 @@ dict loads strictly), 'VQ-tiny' the CPU default for the built-in 32x32 data, 'Ma
 (1d-tokenizer's maskgit_vqgan.py: the same skeleton behind `maskgit`; its names map through ldm_key, as kl16's).
 Shapes: B batch, C channels, h*w token grid, V codebook size.
 """
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -225,31 +226,44 @@ class VQModel(nn.Module):
         self.stride = 2 ** (len(cfg.encoder_ch_mult) - 1)
 
     def quantize_img(self, img):  # (B, 3, H, W) in [-1, 1] -> z_q, losses, ids (B, h, w)
-        return self.quantize(self.quant_conv(self.encoder((img + 1) / 2 if self.cfg.maskgit else img)))  # MaskGIT: [0, 1]
+        x = (img + 1) / 2 if self.cfg.maskgit else img  # MaskGIT's encoder takes [0, 1]
+        return self.quantize(self.quant_conv(self.encoder(x)))
 
-    def encode(self, img):  # -> ids (B, h, w)
-        return self.quantize_img(img)[2]
+    def encode(self, img):
+        """(B, 3, H, W) in [-1, 1] -> ids (B, h*w) in raster order, int32: the compact form that
+        train.py caches (IAR2: (B, 2*h*w), its semantic ids, then its detail ids)."""
+        return self.quantize_img(img)[2].flatten(1).int()
+
+    def training_input(self, codes):  # cached ids -> the generator's input, int64
+        return codes.long()
 
     def decode(self, z_q):  # -> (B, 3, H, W) in ~[-1, 1]
         x = self.decoder(self.post_quant_conv(z_q))
         return 2 * x - 1 if self.cfg.maskgit else x
 
     def decode_code(self, ids):
-        """ids (B, h, w), or (B, h*w) raster order from a generator -> image (B, 3, H, W) in ~[-1, 1]."""
-        ids = ids.unflatten(1, (int(ids.shape[1] ** 0.5),) * 2) if ids.dim() == 2 else ids  # (B, h, w)
-        x = self.decode(self.quantize.codebook()[ids].permute(0, 3, 1, 2))
-        # RAR saves MaskGIT images as floor(255 x); sample.py rounds 127.5 y + 128: half a level lower matches it
+        """ids (B, h*w) raster order (from a generator, or encode) -> image (B, 3, H, W), ~[-1, 1]."""
+        g = math.isqrt(ids[0].numel())
+        x = self.decode(self.quantize.codebook()[ids.reshape(-1, g, g)].permute(0, 3, 1, 2))
+        # RAR saves MaskGIT images as floor(255 x); sample.py rounds 127.5 y + 128: half a level
+        # lower matches it
         return x - 1 / 255 if self.cfg.maskgit else x
 
-    def official_key(self, k):  # an official key -> ours (llamagen.load_official); MaskGIT's names are LDM-style
-        return ldm_key(k, len(self.cfg.encoder_ch_mult)) if self.cfg.maskgit else k
+    def official_key(self, k):  # an official key -> ours (llamagen.load_official)
+        return ldm_key(k, len(self.cfg.encoder_ch_mult)) if self.cfg.maskgit else k  # LDM names
 
     def forward(self, img):  # -> reconstruction, quantizer losses
         z_q, losses, _ = self.quantize_img(img)
         return self.decode(z_q), losses
 
-    def on_step(self, step, total_steps):  # tokenizer training schedules (IAR2's codebook cycle); none here
+    def on_step(self, step, total_steps):  # tokenizer training schedules (IAR2's codebook cycle)
         return None
+
+    def calibrate(self, img):  # called once when training ends; a VQ has nothing to fit
+        return None
+
+    def metrics(self):  # for the training log
+        return {'codebook usage': round(self.quantize.usage(), 4)}
 
 
 @dataclass
@@ -260,33 +274,63 @@ class KLConfig(VQConfig):  # LDM's AutoencoderKL (MAR's kl16 by default): VQConf
     scale_factor: float = 0.2325  # latents * this: std ~1 (kl16: 1/std on ImageNet; ours: the last training batch's)
 
 
-KL_SIZES = {'KL-16': {}, 'KL-tiny': {**VQ_SIZES['VQ-tiny'], 'z_channels': 4, 'embed_dim': 4, 'kl_weight': 1e-4}}  # CPU: 8x8x4
+KL_SIZES = {
+    'KL-16': {},
+    'KL-tiny': {**VQ_SIZES['VQ-tiny'], 'z_channels': 4, 'embed_dim': 4, 'kl_weight': 1e-4},  # 8x8x4
+}
 
 
 class KLModel(nn.Module):  # a diagonal Gaussian per position instead of a code (MAR's kl16)
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.stride = cfg, 2 ** (len(cfg.encoder_ch_mult) - 1)
-        self.encoder, self.decoder = Encoder(replace(cfg, z_channels=2 * cfg.z_channels)), Decoder(cfg)
-        [setattr(level, 'attn', nn.ModuleList()) for level in self.decoder.conv_blocks]  # kl16: attention in mid only
-        self.quant_conv, self.post_quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1), nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.cfg = cfg
+        self.stride = 2 ** (len(cfg.encoder_ch_mult) - 1)
+        self.encoder = Encoder(replace(cfg, z_channels=2 * cfg.z_channels))
+        self.decoder = Decoder(cfg)
+        for level in self.decoder.conv_blocks:  # kl16: attention in the middle block only
+            level.attn = nn.ModuleList()
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    on_step = VQModel.on_step  # no schedule; encode: (B, 3, H, W) in [-1, 1] -> moments (B, 2C, h, w), mean and log variance
-    def encode(self, img): return self.quant_conv(self.encoder(img))  # noqa: E301, E704
-    def decode_code(self, z): return self.decoder(self.post_quant_conv(z / self.cfg.scale_factor))  # noqa: E704 (-> [-1, 1])
+    def encode(self, img):
+        """(B, 3, H, W) in [-1, 1] -> moments (B, 2C, h, w): the posterior's mean and log variance,
+        what train.py caches (MAR draws a fresh sample from them at every step, as official)."""
+        return self.quant_conv(self.encoder(img))
 
-    def official_key(self, k):  # kl16's LDM names -> ours; the keys of its training losses are dropped (None)
-        return ldm_key(k, len(self.cfg.encoder_ch_mult)) if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv') else None
-
-    def sample(self, moments):  # -> a fresh posterior draw (B, C, h, w) times scale_factor
+    def posterior(self, moments):  # -> a draw (B, C, h, w) of N(mean, exp(logvar)), unscaled
         mean, logvar = moments.chunk(2, dim=1)
-        return (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * self.cfg.scale_factor
+        return mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
 
-    def forward(self, img):  # -> reconstruction, {'kl': weight * KL(posterior || N(0, I)) per pixel value}
-        (mean, logvar), z = (moments := self.encode(img)).chunk(2, dim=1), self.sample(moments) / self.cfg.scale_factor
-        self.cfg.scale_factor = 1.0 / z.detach().float().std().item() if self.training else self.cfg.scale_factor
-        kl = 0.5 * (mean ** 2 + logvar.clamp(-30, 20).exp() - 1 - logvar.clamp(-30, 20)).sum((1, 2, 3)).mean()
-        return self.decoder(self.post_quant_conv(z)), {'kl': self.cfg.kl_weight * kl / img[0].numel()}
+    def training_input(self, moments):  # -> the generator's latents: a posterior draw, scaled
+        return self.posterior(moments) * self.cfg.scale_factor
+
+    def decode_code(self, z):  # scaled latents (B, C, h, w) -> image (B, 3, H, W) in ~[-1, 1]
+        return self.decoder(self.post_quant_conv(z / self.cfg.scale_factor))
+
+    def official_key(self, k):  # kl16's LDM names -> ours; the keys of its training losses: None
+        if k.split('.')[0] in ('encoder', 'decoder', 'quant_conv', 'post_quant_conv'):
+            return ldm_key(k, len(self.cfg.encoder_ch_mult))
+        return None
+
+    def forward(self, img):  # -> reconstruction, {'kl': weight * KL(posterior || N(0, I)) per value}
+        moments = self.encode(img)
+        mean, logvar = moments.chunk(2, dim=1)
+        logvar = logvar.clamp(-30, 20)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        recon = self.decoder(self.post_quant_conv(self.posterior(moments)))
+        return recon, {'kl': self.cfg.kl_weight * kl / img[0].numel()}
+
+    def on_step(self, step, total_steps):  # no schedule
+        return None
+
+    @torch.no_grad()
+    def calibrate(self, img):
+        """Called once when training ends: scale_factor = 1 / std of the latents of img, so the
+        generator sees latents of std ~1 (kl16's 0.2325 is the same on ImageNet)."""
+        self.cfg.scale_factor = 1.0 / self.posterior(self.encode(img)).float().std().item()
+
+    def metrics(self):  # for the training log
+        return {}
 
 
 class PatchGAN(nn.Module):

@@ -3,10 +3,22 @@ on each other (the suite took 5-8 minutes with two threads, under 2 minutes with
 import os
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')  # before torch, numpy and scipy start their thread pools
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+MANIFESTS = os.path.join(os.path.dirname(__file__), 'manifests')  # copies of the official key lists
+
+
+@pytest.fixture(scope='session')
+def manifest():
+    """manifest('rar_b') -> {key: shape} of that official state dict, in its order (tests/manifests)."""
+    def load(name):
+        ref = json.load(open(os.path.join(MANIFESTS, name.removesuffix('.json') + '.json')))
+        return {k: list(shape) for k, shape in ref['keys']}
+    return load
 
 
 @pytest.fixture(scope='session')
