@@ -41,9 +41,11 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from vq import VQ_SIZES as TOKENIZER_SIZES  # noqa: F401 (re-exported: the method contract)
 from vq import VQConfig as TokenizerConfig  # noqa: F401
@@ -368,7 +370,34 @@ class Model(nn.Module):
         return tokens
 
 
-# --- files: the one place every script and method reads a checkpoint ----------------------------
+# --- running: DDP, files (the one place every script and method reads one), image grids ----------
+def setup_ddp():
+    """-> rank, world size, device. torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; plain `python`
+    runs one process. NCCL on CUDA, gloo on the CPU."""
+    rank = int(os.environ.get('RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cuda', local) if torch.cuda.is_available() else torch.device('cpu')
+    if 'RANK' in os.environ:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def to_uint8(x):
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) on the CPU, truncating as official samplers do."""
+    return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(x, path, nrow):
+    """x (N, 3, H, W) in [-1, 1] -> a PNG of nrow images per row with 2-pixel gaps."""
+    a = F.pad(to_uint8(x), (0, 0, 2, 0, 2, 0), value=255).numpy()  # (N, H+2, W+2, 3)
+    a = np.concatenate([a, np.full((-len(a) % nrow, *a.shape[1:]), 255, np.uint8)])
+    a = a.reshape(-1, nrow, *a.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(-1, nrow * a.shape[2], 3)
+    Image.fromarray(np.pad(a, ((0, 2), (0, 2), (0, 0)), constant_values=255)).save(path)
+
+
 def save_checkpoint(obj, path):
     """Plain dicts, loadable with weights_only=True, written atomically: a crash mid-write never
     leaves a broken file."""
@@ -395,7 +424,7 @@ def load_file(path):
 def check_run(ckpt, path, method, stage):
     """Stop with one line unless ckpt (from path) is our `stage` checkpoint of `method`."""
     if ckpt.get('method') != method or ckpt.get('stage') != stage:
-        found = f'{ckpt.get("method")} {ckpt.get("stage")}' if 'stage' in ckpt else 'an official'
+        found = f'a {ckpt.get("method")} {ckpt.get("stage")}' if 'stage' in ckpt else 'an official'
         raise SystemExit(f'{path}: {found} checkpoint, not a {method} {stage} one')
 
 
@@ -456,5 +485,12 @@ def load_generator(module, ckpt, path):
     beside the checkpoint (RUN/tokenizer.pt), so a run can be moved anywhere."""
     model = module.Model(module.Config(**ckpt['config']))
     model.load_state_dict(ckpt.get('ema') or ckpt['model'])
-    tok_path = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt['tokenizer'])
-    return model, load_tokenizer(module, tok_path)
+    return model, load_tokenizer(module, run_tokenizer(ckpt, path))
+
+
+def run_tokenizer(ckpt, path):
+    """The tokenizer file of the run whose checkpoint ckpt was read from path: RUN/tokenizer.pt
+    (runs before it was kept there name a file relative to the working directory)."""
+    kept = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt['tokenizer'])
+    old = ckpt['tokenizer']
+    return old if os.path.exists(old) and not os.path.exists(kept) else kept

@@ -1,14 +1,27 @@
-"""Train a tokenizer or a generator, on 1 process or N (torchrun), on the built-in dataset or an ImageFolder.
-
-  python train.py --method llamagen                       # classroom run: built-in 32x32 data, CPU
-  torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B --data-path /imagenet/train \
-      --image-size 256 --tokenizer vq_ds16_c2i.pt --epochs 300 --global-batch-size 256 --lr 1e-4
---stage tokenizer trains the method's Tokenizer; --stage generator (default) trains the method's Model
-on tokens extracted once (image and flip) by the frozen tokenizer. Without --tokenizer, the default
-tokenizer for the dataset is trained first and cached under --results-dir.
-Chapters: data, DDP setup, output dir, tokenizer, model, EMA, optimizer, loop, checkpoint, cleanup.
 """
-import argparse, copy, hashlib, importlib, json, math, os, time  # noqa: E401
+Train a tokenizer or a generator, on 1 process or N (torchrun), on the built-in dataset or an
+ImageFolder.
+
+  python train.py --method llamagen                # classroom run: built-in 32x32 data, on a CPU
+  torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B \\
+      --data-path /imagenet/train --image-size 256 --tokenizer vq_ds16_c2i.pt --epochs 300 \\
+      --global-batch-size 256 --lr 1e-4
+
+--stage tokenizer trains the method's Tokenizer; --stage generator (the default) trains the method's
+Model on codes extracted once (each image and its flip) by the frozen tokenizer. Without
+--tokenizer, the method's default tokenizer for the dataset is trained first and cached under
+--results-dir.
+A generator run keeps its tokenizer as RUN/tokenizer.pt, so the run can be moved anywhere.
+Chapters: data, DDP setup, run directory, tokenizer, model, EMA, optimizer, loop, checkpoint.
+"""
+import argparse
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+import time
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -21,15 +34,21 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import llamagen
 import vq
-from sample import derived_fields, load_checkpoint, load_tokenizer, save_checkpoint, save_grid, setup_ddp, tokenizer_sizes
 
-METHODS = tuple(m for m in ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar') if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), m + '.py')))
-STAGE_DEFAULTS = {  # the classroom run on the built-in dataset (model: the method's size ending in 'tiny')
-    'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0, lr_schedule='constant'),
-    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100, lr_schedule='constant')}
+METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')
 
-# --- data: the built-in dataset ---------------------------------------------------------------------
+# the classroom run on the built-in dataset; a method's CLASSROOM overrides these per stage
+STAGE_DEFAULTS = {
+    'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0,
+                      lr_schedule='constant'),
+    'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100,
+                      lr_schedule='constant'),
+}
+
+
+# --- data: the built-in dataset ----------------------------------------------------------------
 CLASSES = ('red disk', 'blue square', 'green triangle', 'yellow ring', 'magenta cross',
            'cyan h-stripes', 'orange v-stripes', 'white checker', 'pink dots', 'purple gradient')
 COLORS = ((220, 40, 40), (40, 80, 230), (40, 200, 60), (230, 210, 40), (210, 40, 210),
@@ -38,30 +57,34 @@ COLORS = ((220, 40, 40), (40, 80, 230), (40, 200, 60), (230, 210, 40), (210, 40,
 
 def render(index, size=32, seed=0):
     """Image `index` of the built-in dataset: (size, size, 3) uint8 and its label (index % 10).
-    Shape, colour and texture define a class; position, size, hue and background vary within it."""
-    rng, label, s = np.random.default_rng([seed, index]), index % len(CLASSES), 2 * size  # drawn at 2x
+    Shape, colour and texture define a class; position, size, hue and background vary within it.
+    Drawn at twice the size, then box-filtered down (anti-aliased edges)."""
+    rng = np.random.default_rng([seed, index])
+    label = index % len(CLASSES)
+    s = 2 * size
     bg = tuple(int(v) for v in rng.integers(0, 60, 3))
     fg = tuple(int(np.clip(c + rng.integers(-35, 36), 0, 255)) for c in COLORS[label])
     img = Image.new('RGB', (s, s), bg)
-    d, r, (cx, cy) = ImageDraw.Draw(img), s * rng.uniform(0.16, 0.3), s * rng.uniform(0.32, 0.68, 2)
-    box, w = [cx - r, cy - r, cx + r, cy + r], r * 0.35
-    if label in (0, 1):
-        (d.ellipse if label == 0 else d.rectangle)(box, fill=fg)
+    d = ImageDraw.Draw(img)
+    r = s * rng.uniform(0.16, 0.3)  # the shape's radius
+    cx, cy = s * rng.uniform(0.32, 0.68, 2)  # and centre
+    box = [cx - r, cy - r, cx + r, cy + r]
+    w = r * 0.35  # half the width of a cross's bar
+    if label == 0:
+        d.ellipse(box, fill=fg)
+    elif label == 1:
+        d.rectangle(box, fill=fg)
     elif label == 2:
         d.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fg)
     elif label == 3:
         d.ellipse(box, outline=fg, width=max(2, int(w)))
     elif label == 4:
-        [d.rectangle(b, fill=fg) for b in ([cx - r, cy - w, cx + r, cy + w], [cx - w, cy - r, cx + w, cy + r])]
-    elif label in (5, 6):  # stripes with a random period and phase
-        period, phase = s * rng.uniform(0.15, 0.3), rng.uniform(0, 1)
-        for a in (np.arange(-1, s / period + 2) + phase) * period:
-            d.rectangle([0, a, s, a + period / 2] if label == 5 else [a, 0, a + period / 2, s], fill=fg)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+    elif label in (5, 6):
+        draw_stripes(d, s, rng, fg, horizontal=label == 5)
     elif label == 7:
-        cell, (ox, oy) = s * rng.uniform(0.12, 0.22), rng.uniform(-s * 0.2, 0, 2)
-        for i in range(int(s / cell) + 2):
-            for j in range(i % 2, int(s / cell) + 2, 2):
-                d.rectangle([ox + j * cell, oy + i * cell, ox + (j + 1) * cell, oy + (i + 1) * cell], fill=fg)
+        draw_checker(d, s, rng, fg)
     elif label == 8:
         for px, py in s * rng.uniform(0.2, 0.8, (2, 2)):
             d.ellipse([px - 0.45 * r, py - 0.45 * r, px + 0.45 * r, py + 0.45 * r], fill=fg)
@@ -72,19 +95,49 @@ def render(index, size=32, seed=0):
     return np.asarray(img.resize((size, size), Image.BOX)), label
 
 
+def draw_stripes(d, s, rng, fg, horizontal):  # stripes with a random period and phase
+    period = s * rng.uniform(0.15, 0.3)
+    phase = rng.uniform(0, 1)
+    for a in (np.arange(-1, s / period + 2) + phase) * period:
+        d.rectangle([0, a, s, a + period / 2] if horizontal else [a, 0, a + period / 2, s], fill=fg)
+
+
+def draw_checker(d, s, rng, fg):  # squares of a random cell size and offset
+    cell = s * rng.uniform(0.12, 0.22)
+    ox, oy = rng.uniform(-s * 0.2, 0, 2)
+    for i in range(int(s / cell) + 2):
+        for j in range(i % 2, int(s / cell) + 2, 2):
+            d.rectangle([ox + j * cell, oy + i * cell, ox + (j + 1) * cell, oy + (i + 1) * cell],
+                        fill=fg)
+
+
 def builtin_images(n, image_size=32, seed=0):
     """The first n built-in images: uint8 (n, H, W, 3) and int64 labels (n,)."""
     imgs, labels = zip(*(render(i, image_size, seed) for i in range(n)))
     return np.stack(imgs), np.array(labels, dtype=np.int64)
 
 
-# --- data: ImageFolder (one sub-folder per class; sorted names give the standard ImageNet indices) ---
-def center_crop_arr(pil, size):  # ADM: halve with BOX while large, BICUBIC to size, centre crop
+def builtin_dataset(n, image_size, seed):
+    """The built-in images as a dataset of (uint8 (3, H, W), label), like ImageFolder's."""
+    imgs, labels = builtin_images(n, image_size, seed)
+    data = TensorDataset(torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(labels))
+    data.classes = CLASSES
+    data.key = f'builtin{n}-s{seed}'  # names its cached codes
+    return data
+
+
+# --- data: ImageFolder (one sub-folder per class; sorted names give the ImageNet indices) --------
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.jfif')
+
+
+def center_crop_arr(pil, size):
+    """ADM's preprocessing: halve with BOX while large, BICUBIC to size, centre crop."""
     while min(pil.size) >= 2 * size:
         pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
     scale = size / min(pil.size)
     arr = np.asarray(pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC))
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    y = (arr.shape[0] - size) // 2
+    x = (arr.shape[1] - size) // 2
     return arr[y:y + size, x:x + size]
 
 
@@ -92,26 +145,36 @@ class ImageFolder(Dataset):
     def __init__(self, root, size):
         if not os.path.isdir(root):
             raise SystemExit(f'train.py: --data-path {root}: not a directory')
-        self.root, self.size, self.classes = root, size, sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.samples = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes) for f in sorted(os.listdir(os.path.join(root, c)))
-                        if f.lower().endswith(('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff', '.jfif'))]
+        self.root, self.size = root, size
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = []  # (path, label)
+        for label, name in enumerate(self.classes):
+            for f in sorted(os.listdir(os.path.join(root, name))):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    self.samples.append((os.path.join(root, name, f), label))
         if not self.samples:
-            raise SystemExit(f'train.py: --data-path {root}: no images (expected one sub-folder of images per class)')
-        self.key = os.path.basename(os.path.normpath(root)) + '-' + hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
+            raise SystemExit(f'train.py: --data-path {root}: no images '
+                             '(expected one sub-folder of images per class)')
+        digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
+        self.key = os.path.basename(os.path.normpath(root)) + '-' + digest  # names cached codes
 
-    def __len__(self): return len(self.samples)  # noqa: E704
+    def __len__(self):
+        return len(self.samples)
 
-    def __getitem__(self, i):  # -> uint8 (3, H, W), label; an unreadable image is reported and replaced by the next
-        for path, y in (self.samples[j % len(self.samples)] for j in range(i, i + 20)):
+    def __getitem__(self, i):
+        """-> uint8 (3, H, W), label. An unreadable image is reported and replaced by the next."""
+        for j in range(i, i + 20):
+            path, label = self.samples[j % len(self.samples)]
             try:
-                return torch.from_numpy(center_crop_arr(Image.open(path).convert('RGB'), self.size).copy()).permute(2, 0, 1), y
+                arr = center_crop_arr(Image.open(path).convert('RGB'), self.size)
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1), label
             except Exception:
                 print(f'train.py: skipping unreadable image {path}', flush=True)
-        raise RuntimeError(f'train.py: --data-path {self.root}: 20 unreadable images in a row; stopped')
+        raise RuntimeError(f'train.py: --data-path {self.root}: 20 unreadable images in a row')
 
 
 def batches(dataset, local_bs, seed, rank, world, start_step, workers):
-    """Endless batches of a DistributedSampler; resuming at start_step skips the indices already used."""
+    """Endless batches of a DistributedSampler; resuming at start_step skips the indices used."""
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // local_bs
     if per_epoch == 0:
@@ -119,221 +182,427 @@ def batches(dataset, local_bs, seed, rank, world, start_step, workers):
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         sampler.set_epoch(epoch)
-        yield from DataLoader(dataset, local_bs, sampler=list(sampler)[skip * local_bs:per_epoch * local_bs], num_workers=workers)
+        order = list(sampler)[skip * local_bs:per_epoch * local_bs]
+        yield from DataLoader(dataset, local_bs, sampler=order, num_workers=workers)
         epoch, skip = epoch + 1, 0
 
 
-def config_from(cls, args, size, **derived):  # size preset, then --flags, then data-derived fields
-    over = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    return cls(**{**size, **over, **derived})
-
-
 @torch.inference_mode()
-def extract_codes(tok, dataset, args, rank, world, device):
-    """Token ids of every image and its flip, computed once (sharded over ranks) and cached."""
-    key = f'{os.path.abspath(args.tokenizer)}{os.stat(args.tokenizer).st_mtime_ns}{dataset.key}{args.image_size}'
-    path = os.path.join(args.results_dir, 'codes', hashlib.sha1(key.encode()).hexdigest()[:12] + '.pt')
-    if not os.path.exists(path):  # each rank encodes its shard; rank 0 joins them
+def extract_codes(tok, dataset, path, rank, world, device):
+    """tok.encode of every image and of its flip, computed once (each rank encodes a shard, rank 0
+    joins them) and cached at path. -> a dataset of (codes, label), 2 entries per image."""
+    if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         codes, labels = [], []
         for x, y in DataLoader(Subset(dataset, range(rank, len(dataset), world)), 64):
             x = x.to(device).float() / 127.5 - 1
-            c = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (B, 2, ...): ids (h, w), IAR2 (2, h, w), MAR moments
-            codes.append((c if c.is_floating_point() else c.flatten(2).int()).cpu())  # ids -> (B, 2, L) raster order
+            pair = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (B, 2, ...)
+            codes.append(pair.cpu())
             labels.append(y)
-        torch.save({'codes': torch.cat(codes), 'labels': torch.cat(labels)}, f'{path}.part{rank}')
-        dist.barrier() if dist.is_initialized() else None
+        llamagen.save_checkpoint({'codes': torch.cat(codes), 'labels': torch.cat(labels)},
+                                 f'{path}.part{rank}')
+        barrier()
         if rank == 0:
-            parts = [torch.load(f'{path}.part{r}', weights_only=True) for r in range(world)]
-            order = torch.cat([torch.arange(r, len(dataset), world) for r in range(world)]).argsort()  # dataset order
-            save_checkpoint({k: torch.cat([p[k] for p in parts])[order] for k in ('codes', 'labels')}, path)
-            [os.remove(f'{path}.part{r}') for r in range(world)]
-        dist.barrier() if dist.is_initialized() else None
-    data = torch.load(path, weights_only=True)  # codes (N, 2, ...) -> (2N, ...): each image and its flip
+            join_parts(path, len(dataset), world)
+        barrier()
+    data = llamagen.load_file(path)  # codes (N, 2, ...) -> (2N, ...): each image, then its flip
     return TensorDataset(data['codes'].flatten(0, 1), data['labels'].repeat_interleave(2))
 
 
-# --- one stage: output dir, model, EMA, optimizer, loop, checkpoint -----------------------------------
-def train_stage(args, module, stage, data, rank, world, device, tok=None):
-    # output dir: rank 0's choice; a run is never overwritten unless resumed
+def join_parts(path, n, world):  # the ranks' shards (rank r: images r, r + world, ...) in order
+    parts = [llamagen.load_file(f'{path}.part{r}') for r in range(world)]
+    order = torch.cat([torch.arange(r, n, world) for r in range(world)]).argsort()
+    joined = {k: torch.cat([p[k] for p in parts])[order] for k in ('codes', 'labels')}
+    llamagen.save_checkpoint(joined, path)
+    for r in range(world):
+        os.remove(f'{path}.part{r}')
+
+
+# --- DDP (llamagen.setup_ddp starts it) -------------------------------------------------------
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- one stage: run directory, model, optimizer, loop, checkpoint -------------------------------
+def open_run(args, stage, rank, resume):
+    """-> the run directory, rank 0's choice: RESULTS_DIR/NNN-METHOD-STAGE unless --run-dir, the
+    checkpoint's own when resuming. A run is never overwritten unless resumed."""
     n_runs = len(os.listdir(args.results_dir)) if os.path.isdir(args.results_dir) else 0
-    box = [args.run_dir or os.path.join(args.results_dir, f'{n_runs:03d}-{args.method}-{stage}')]
-    dist.broadcast_object_list(box) if dist.is_initialized() else None
-    run, master, ckpt_path = box[0], rank == 0, os.path.join(box[0], 'last.pt')
-    if os.path.exists(ckpt_path) and args.resume != ckpt_path:
-        raise SystemExit(f'train.py: {ckpt_path} exists; pass --resume {ckpt_path} or another --run-dir')
-    resume = load_checkpoint(args.resume, args.method, stage) if args.resume else None
-    os.makedirs(os.path.join(run, 'samples'), exist_ok=True) if master else None
-    # model (its config from the checkpoint when resuming); the tokenizer stage adds a PatchGAN
-    per_sample = 1 if tok is None else (args.image_size // tok.stride) ** 2  # tokens per image
-    cfg = (config_from(module.TokenizerConfig, args, tokenizer_sizes(module)[args.model]) if stage == 'tokenizer' else
-           config_from(module.Config, args, module.SIZES[args.model], **derived_fields(module.Config, tok, args.image_size, len(data.classes))))
-    cfg = type(cfg)(**resume['config']) if resume else cfg
+    run = [args.run_dir or os.path.join(args.results_dir, f'{n_runs:03d}-{args.method}-{stage}')]
+    if dist.is_initialized():
+        dist.broadcast_object_list(run)
+    ckpt_path = os.path.join(run[0], 'last.pt')
+    if os.path.exists(ckpt_path) and resume is None:
+        raise SystemExit(f'train.py: {ckpt_path} exists; pass --resume {ckpt_path} or another '
+                         '--run-dir')
+    if rank == 0:
+        os.makedirs(os.path.join(run[0], 'samples'), exist_ok=True)
+    return run[0]
+
+
+def config_from(cls, args, size, derived=None):
+    """A config: the size preset, then the --flags given, then the fields the data fixes."""
+    derived = derived or {}
+    given = {f.name: getattr(args, f.name) for f in fields(cls)
+             if getattr(args, f.name, None) is not None}
+    fixed = sorted(set(given) & set(derived))
+    if fixed:
+        flag = '--' + fixed[0].replace('_', '-')
+        raise SystemExit(f'train.py: {flag} is fixed by the tokenizer and the data; leave it out')
+    return cls(**{**size, **given, **derived})
+
+
+def lr_at(step, total, args):
+    """Linear warmup over --warmup-steps, then constant or cosine down to --end-lr."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == 'constant':
+        return args.lr
+    p = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    return args.end_lr + (args.lr - args.end_lr) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def update(opt, loss, params, grad_clip):  # one optimizer step on loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def ddp(module, **kwargs):  # the module as DDP sees it, or itself on one process
+    return DDP(module, **kwargs) if dist.is_initialized() else module
+
+
+def train_tokenizer(args, module, data, rank, world, device, resume=None):
+    """The tokenizer stage: L2 + quantizer (or KL) losses, LPIPS when its weights are given, and a
+    PatchGAN hinge loss from --disc-start on. Tokenizers train without weight decay (officially
+    Adam)."""
+    run = open_run(args, 'tokenizer', rank, resume)
+    cfg = config_from(module.TokenizerConfig, args, module.TOKENIZER_SIZES[args.model])
+    cfg = module.TokenizerConfig(**resume['config']) if resume else cfg
     torch.manual_seed(args.seed)  # the same initial weights on every rank and run
-    model = (module.Tokenizer if stage == 'tokenizer' else module.Model)(cfg).to(device)
-    if args.image_size % (tok or model).stride:
-        raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the tokenizer stride {(tok or model).stride}')
-    data = extract_codes(tok, data, args, rank, world, device) if stage == 'generator' else data
-    disc = vq.PatchGAN(n_layers=min(3, args.image_size.bit_length() - 3)).to(device) if stage == 'tokenizer' else None  # 2 below 32px
-    lpips = vq.LPIPS.load(*args.lpips.split(',')).to(device) if args.lpips and stage == 'tokenizer' else None
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
-    # optimizer: AdamW, weight decay on >= 2-D weights but MAR's DiffLoss (official); none for tokenizers (officially Adam)
-    params, fused, wd = list(model.parameters()), device.type == 'cuda', args.weight_decay if stage == 'generator' else 0.0
-    opt = torch.optim.AdamW([{'params': [p for n, p in model.named_parameters() if (p.dim() >= 2 and 'diffloss' not in n) == d],
-                              'weight_decay': w} for d, w in ((True, wd), (False, 0.0))], lr=args.lr, betas=(0.9, 0.95), fused=fused)
-    opt_d = torch.optim.AdamW(disc.parameters(), args.lr, (0.9, 0.95), weight_decay=0.0, fused=fused) if disc else None
-    state = dict(model=model, optimizer=opt, ema=ema, discriminator=disc, optimizer_disc=opt_d)  # what we checkpoint
-    [obj.load_state_dict(resume[k]) for k, obj in state.items() if resume and obj is not None]
-    step = start = resume['step'] if resume else 0
-    ddp_model, ddp_disc = (DDP(m, find_unused_parameters=stage == 'tokenizer') if m is not None and dist.is_initialized() else m
-                           for m in (model, disc))  # (IAR2's tokenizer leaves a codebook unused on some steps)
-    it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, args.num_workers if args.data_path else 0)
-    total = args.max_steps if args.epochs is None else args.epochs * (len(data) // (2 if tok else 1) // args.global_batch_size)  # epochs over images, not image + flip
+    tok = module.Tokenizer(cfg).to(device)
+    if args.image_size % tok.stride:
+        raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the '
+                         f'tokenizer stride {tok.stride}')
+    disc = vq.PatchGAN(n_layers=min(3, args.image_size.bit_length() - 3)).to(device)  # 2 below 32px
+    lpips = None
+    if args.lpips:
+        vgg_path, lin_path = args.lpips.split(',')
+        lpips = vq.LPIPS.load(llamagen.load_file(vgg_path), llamagen.load_file(lin_path)).to(device)
+    fused = device.type == 'cuda'
+    opt = torch.optim.AdamW(tok.parameters(), args.lr, (0.9, 0.95), weight_decay=0.0, fused=fused)
+    opt_disc = torch.optim.AdamW(disc.parameters(), args.lr, (0.9, 0.95), weight_decay=0.0,
+                                 fused=fused)
+    state = dict(model=tok, optimizer=opt, discriminator=disc, optimizer_disc=opt_disc)
+    # IAR2's tokenizer leaves a codebook unused on some steps: DDP must not wait for its gradients
+    ddp_tok = ddp(tok, find_unused_parameters=True)
+    ddp_disc = ddp(disc)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
-    print(f'{stage}: {type(model).__name__} {sum(p.numel() for p in params) / 1e6:.2f}M params, {len(data)} samples, {total} steps, run {run}') if master else None
-    loss_sum, t0, bar = torch.zeros((), device=device), time.time(), tqdm(total=total, initial=step, disable=not master)  # loop
-    while step < total:
-        x, y = (t.to(device, non_blocking=True) for t in next(it))  # (a new DataLoader draws from the RNG)
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # then reseed: resume-exact, per rank
-        scale = model.on_step(step, total)  # schedules of the method; a float: it owns the LR schedule
-        opt.param_groups[0]['lr'] = opt.param_groups[1]['lr'] = lr = lr_at(step, total, args) if scale is None else args.lr * scale
+    total = total_steps(args, data, 1)
+
+    def step_fn(x, y, step):
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)  # flip
+        x = x.float() / 127.5 - 1
+        gan = step >= args.disc_start
         with autocast:
-            if stage == 'tokenizer':  # random flip; L2 + quantizer losses (+ hinge generator loss)
-                x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x).float() / 127.5 - 1
-                recon, qloss = ddp_model(x)
-                loss = F.mse_loss(recon.float(), x) + sum(qloss.values()) + (0.0 if lpips is None else lpips(recon.float(), x).mean())
-                loss = loss - args.disc_weight * ddp_disc(recon).float().mean() if step >= args.disc_start else loss
-            else:  # MAR: cached posterior moments -> a fresh latent sample each step, as official
-                out = ddp_model(tok.sample(x) if x.is_floating_point() else x.long(), y)
-                loss = out[1] if isinstance(out, tuple) else out  # (logits, loss), or MAR's loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        if disc is not None and step >= args.disc_start:  # discriminator: real vs detached fakes
+            recon, losses = ddp_tok(x)
+            loss = F.mse_loss(recon.float(), x) + sum(losses.values())
+            if lpips is not None:
+                loss = loss + lpips(recon.float(), x).mean()
+            if gan:  # the hinge generator loss: make the PatchGAN call the reconstruction real
+                loss = loss - args.disc_weight * ddp_disc(recon).float().mean()
+        update(opt, loss, list(tok.parameters()), args.grad_clip)
+        if gan:  # the discriminator: real images vs the detached reconstructions
             with autocast:
                 d_loss = vq.hinge_d_loss(ddp_disc(x).float(), ddp_disc(recon.detach()).float())
-            opt_d.zero_grad(set_to_none=True)
+            opt_disc.zero_grad(set_to_none=True)
             d_loss.backward()
-            opt_d.step()
-        if ema is not None:  # exponential moving average of the parameters; buffers are copied
+            opt_disc.step()
+        if step + 1 == total:  # the last step: fit what depends on the final weights
+            tok.calibrate(x)
+        return loss
+
+    @torch.no_grad()
+    def grid_fn(model, x, path):  # 8 images over their reconstructions
+        x = x[:8].float() / 127.5 - 1
+        llamagen.save_grid(torch.cat([x, model.eval()(x)[0]]), path, 8)
+        model.train()
+
+    meta = dict(method=args.method, stage='tokenizer', kind=type(tok).__name__, config=cfg)
+    loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, resume,
+         metrics=tok.metrics)
+
+
+def train_generator(args, module, data, tok, rank, world, device, resume=None):
+    """The generator stage: the method's Model on the frozen tokenizer's cached codes."""
+    run = open_run(args, 'generator', rank, resume)
+    derived = module.derive_config(tok, args.image_size, len(data.classes))
+    cfg = config_from(module.Config, args, module.SIZES[args.model], derived)
+    cfg = module.Config(**resume['config']) if resume else cfg
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and run
+    model = module.Model(cfg).to(device)
+    codes = extract_codes(tok, data, codes_path(args, tok, data), rank, world, device)
+    opt = torch.optim.AdamW(module.param_groups(model, args.weight_decay), lr=args.lr,
+                            betas=(0.9, 0.95), fused=device.type == 'cuda')
+    state = dict(model=model, optimizer=opt)
+    ddp_model = ddp(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    def step_fn(codes, labels, step):
+        with autocast:
+            _, loss = ddp_model(tok.training_input(codes), labels)
+        update(opt, loss, list(model.parameters()), args.grad_clip)
+        return loss
+
+    def grid_fn(model, x, path):  # 8 samples of each of the first 10 classes
+        labels = torch.arange(min(model.cfg.num_classes, 10), device=device).repeat_interleave(8)
+        g = torch.Generator(device).manual_seed(args.seed)
+        codes = model.generate(labels, cfg_scale=args.cfg_scale, generator=g)
+        with torch.no_grad():
+            llamagen.save_grid(tok.decode_code(codes), path, 8)
+
+    if rank == 0:  # the run keeps its own tokenizer, found wherever the run is moved
+        llamagen.save_checkpoint(llamagen.tokenizer_file(tok, args.method),
+                                 os.path.join(run, 'tokenizer.pt'))
+    tokens = (args.image_size // tok.stride) ** 2  # per image, for the log's tokens/s
+    meta = dict(method=args.method, stage='generator', kind=type(model).__name__, config=cfg,
+                tokenizer='tokenizer.pt')
+    loop(args, state, meta, codes, step_fn, grid_fn, run, rank, world, device, resume, tokens)
+
+
+def codes_path(args, tok, data):  # where the codes of this tokenizer, data and size are cached
+    key = f'{llamagen.tokenizer_key(tok)}-{data.key}-{args.image_size}'
+    name = hashlib.sha1(key.encode()).hexdigest()[:12] + '.pt'
+    return os.path.join(args.results_dir, 'codes', name)
+
+
+def total_steps(args, data, per_image):
+    """--max-steps, or --epochs passes over the images (codes hold each image twice: flipped)."""
+    if args.epochs is None:
+        return args.max_steps
+    return args.epochs * (len(data) // per_image // args.global_batch_size)
+
+
+def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, resume, tokens=1,
+         metrics=dict):
+    """The training loop of both stages. state: what is checkpointed (model, optimizers, ...);
+    meta: what else the checkpoint says; step_fn(x, y, step) -> loss does one update;
+    grid_fn(model, x, path) draws samples; tokens per image (1: images/s); metrics() -> dict."""
+    ckpt_path = os.path.join(run, 'last.pt')
+    model = state['model']
+    params = list(model.parameters())
+    if args.ema > 0:  # exponential moving average of the weights, used for samples and sample.py
+        state['ema'] = copy.deepcopy(model).requires_grad_(False)
+    for name, obj in state.items():
+        if resume:
+            obj.load_state_dict(resume[name])
+    step = start = resume['step'] if resume else 0
+    per_image = 2 if meta['stage'] == 'generator' else 1  # codes: each image and its flip
+    total = total_steps(args, data, per_image)
+    workers = args.num_workers if args.data_path else 0
+    it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, workers)
+    n_params = sum(p.numel() for p in params) / 1e6
+    if rank == 0:
+        print(f'{meta["stage"]}: {meta["kind"]} {n_params:.2f}M params, {len(data)} samples, '
+              f'{total} steps, run {run}')
+    loss_sum = torch.zeros((), device=device)
+    t0 = time.time()
+    bar = tqdm(total=total, initial=step, disable=rank != 0)
+    while step < total:
+        x, y = (t.to(device, non_blocking=True) for t in next(it))
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # resume-exact, per rank
+        lr_scale = model.on_step(step, total)  # the method's schedules; a float: it owns the LR
+        lr = lr_at(step, total, args) if lr_scale is None else args.lr * lr_scale
+        for group in state['optimizer'].param_groups:
+            group['lr'] = lr
+        loss = step_fn(x, y, step)
+        if 'ema' in state:
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), params, 1 - args.ema)
-                [e.copy_(b) for e, b in zip(ema.buffers(), model.buffers())]
-        loss_sum, step = loss_sum + loss.detach(), step + 1
+                torch._foreach_lerp_(list(state['ema'].parameters()), params, 1 - args.ema)
+                for e, b in zip(state['ema'].buffers(), model.buffers()):
+                    e.copy_(b)
+        loss_sum += loss.detach()
+        step += 1
         bar.update(1)
-        if (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == total) and not torch.stack(
-                [p.isfinite().all() for p in params]).all():  # a NaN/inf loss poisons the weights: keep the last good save
-            raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. Last good checkpoint: {ckpt_path if os.path.exists(ckpt_path) else "none"}')
-        if step % args.log_every == 0 or step == total:  # rank-averaged loss since the last log line
-            dist.all_reduce(loss_sum) if dist.is_initialized() else None
-            avg, dt = loss_sum.item() / (((step - 1) % args.log_every + 1) * world), time.time() - t0
-            rec = {'step': step, 'loss': avg, 'lr': lr, 'elapsed': round(dt, 1), ('tokens/s' if per_sample > 1 else 'images/s'):
-                   round((step - start) * args.global_batch_size * per_sample / max(dt, 1e-9), 1)}
-            rec.update({'codebook usage': round(model.quantize.usage(), 4)} if hasattr(model, 'quantize') else {})
-            if master:
-                bar.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-                print(json.dumps(rec), file=open(os.path.join(run, 'log.jsonl'), 'a'), flush=True)
-                save_curve(os.path.join(run, 'log.jsonl'), os.path.join(run, 'loss.png'))
+        log_now = step % args.log_every == 0 or step == total
+        save_now = step % args.ckpt_every == 0 or step == total
+        if (log_now or save_now) and not all_finite(params):  # keep the last good checkpoint
+            last = ckpt_path if os.path.exists(ckpt_path) else 'none'
+            raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. '
+                             f'Last good checkpoint: {last}')
+        if log_now:
+            seconds = time.time() - t0
+            speed = (step - start) * args.global_batch_size * tokens / max(seconds, 1e-9)
+            record = {'step': step, 'loss': mean_loss(loss_sum, step, args.log_every, world),
+                      'lr': lr, 'elapsed': round(seconds, 1),
+                      'tokens/s' if tokens > 1 else 'images/s': round(speed, 1), **metrics()}
+            if rank == 0:
+                log(record, run, bar)
             loss_sum.zero_()
-        if master and (step % args.sample_every == 0 or step == total):
-            grid(model if ema is None else ema, x, tok, args, os.path.join(run, 'samples', f'{step:07d}.png'))
-        if step % args.ckpt_every == 0 or step == total:
-            ck = {k: obj.state_dict() for k, obj in state.items() if obj is not None}
-            ck.update(step=step, method=args.method, stage=stage, kind=type(model).__name__, config=asdict(cfg),
-                      args=vars(args), tokenizer=args.tokenizer if tok is not None else None)
-            save_checkpoint(ck, ckpt_path) if master else None
-            dist.barrier() if dist.is_initialized() else None
+        if rank == 0 and (step % args.sample_every == 0 or step == total):
+            grid_fn(state.get('ema', model), x, os.path.join(run, 'samples', f'{step:07d}.png'))
+        if save_now:
+            checkpoint = {name: obj.state_dict() for name, obj in state.items()}
+            checkpoint.update(meta, step=step, config=asdict(meta['config']), args=vars(args))
+            if rank == 0:
+                llamagen.save_checkpoint(checkpoint, ckpt_path)
+            barrier()
     bar.close()
 
 
-def lr_at(step, total, args):  # linear warmup, then constant or cosine to --end-lr
-    p = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-    lr = args.end_lr + (args.lr - args.end_lr) * 0.5 * (1 + math.cos(math.pi * p)) if args.lr_schedule == 'cosine' else args.lr
-    return args.lr * (step + 1) / args.warmup_steps if step < args.warmup_steps else lr
+def all_finite(params):  # a NaN/inf loss poisons the weights: check them, not the loss
+    return bool(torch.stack([p.isfinite().all() for p in params]).all())
 
 
-def save_curve(log, path):  # the loss of a log.jsonl as a PNG (PIL only), to compare runs by eye
-    steps, loss = np.array([(r['step'], r['loss']) for r in map(json.loads, open(log))]).T
-    lo, hi, d = loss.min(), loss.max(), ImageDraw.Draw(img := Image.new('RGB', (480, 240), 'white'))
-    d.line([(50 + 420 * s / steps[-1], 225 - 200 * (v - lo) / max(hi - lo, 1e-12)) for s, v in zip(steps, loss)], fill=(200, 30, 30), width=2)
-    [d.text(xy, t, fill='black') for xy, t in (((2, 20), f'{hi:.4g}'), ((2, 220), f'{lo:.4g}'), ((380, 228), f'step {steps[-1]:.0f}'))]
+def mean_loss(loss_sum, step, log_every, world):  # rank-averaged loss since the last log line
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / (((step - 1) % log_every + 1) * world)
+
+
+def log(record, run, bar):  # one line on the terminal, the same in log.jsonl, and loss.png
+    bar.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+                       for k, v in record.items()))
+    with open(os.path.join(run, 'log.jsonl'), 'a') as f:
+        print(json.dumps(record), file=f)
+    save_curve(os.path.join(run, 'log.jsonl'), os.path.join(run, 'loss.png'))
+
+
+def save_curve(log_path, path):
+    """The loss of a log.jsonl as a PNG (PIL only), to compare runs by eye."""
+    with open(log_path) as f:
+        steps, loss = np.array([(r['step'], r['loss']) for r in map(json.loads, f)]).T
+    lo, hi = loss.min(), loss.max()
+    img = Image.new('RGB', (480, 240), 'white')
+    d = ImageDraw.Draw(img)
+    points = [(50 + 420 * s / steps[-1], 225 - 200 * (v - lo) / max(hi - lo, 1e-12))
+              for s, v in zip(steps, loss)]
+    d.line(points, fill=(200, 30, 30), width=2)
+    d.text((2, 20), f'{hi:.4g}', fill='black')
+    d.text((2, 220), f'{lo:.4g}', fill='black')
+    d.text((380, 228), f'step {steps[-1]:.0f}', fill='black')
     img.save(path)
 
 
-@torch.no_grad()
-def grid(model, x, tok, args, path):  # tokenizer: 8 images over their reconstructions; generator: 8 per class
-    if tok is None:
-        return save_grid(torch.cat([x[:8], model.eval()(x[:8])[0]]), path, 8), model.train()
-    labels = torch.arange(min(model.cfg.num_classes, 10), device=x.device).repeat_interleave(8)
-    out = model.generate(labels, cfg_scale=args.cfg_scale, generator=torch.Generator(x.device).manual_seed(args.seed))
-    save_grid(tok.decode_code(*out) if isinstance(out, tuple) else tok.decode_code(out), path, 8)
+# --- the tokenizer a generator trains on --------------------------------------------------------
+def default_tokenizer(args, module, data, rank, world, device):
+    """The method's default tokenizer for this dataset (its paper size on an ImageFolder, its tiny
+    size on the built-in data), trained once and cached under RESULTS_DIR/tokenizers."""
+    defaults = {**STAGE_DEFAULTS['tokenizer'], **module.CLASSROOM.get('tokenizer', {})}
+    targs = argparse.Namespace(**{**vars(args), **defaults, 'stage': 'tokenizer', 'resume': None,
+                                  'epochs': None, 'ema': 0.0})
+    sizes = module.TOKENIZER_SIZES
+    targs.model = next(iter(sizes)) if args.data_path else tiny_size(sizes)
+    cfg = config_from(module.TokenizerConfig, targs, sizes[targs.model])
+    key = hashlib.sha1(repr(cfg).encode()).hexdigest()[:8]
+    name = f'{module.Tokenizer.__name__}-{data.key}-{args.image_size}px-{key}'
+    targs.run_dir = os.path.join(args.results_dir, 'tokenizers', name)
+    path = os.path.join(targs.run_dir, 'last.pt')
+    if not os.path.exists(path):
+        if rank == 0:
+            print(f'no --tokenizer given: training the default tokenizer first, cached at {path}')
+        train_tokenizer(targs, module, data, rank, world, device)
+    return path
 
 
-# --- command line: the method's Config fields become flags through one visible loop ---------------
+def tiny_size(sizes):  # the CPU size of a SIZES dict: its name ends in 'tiny'
+    return next(k for k in sizes if k.endswith('tiny'))
+
+
+# --- command line: the method's Config fields become flags through one visible loop --------------
+def parse_bool(s):
+    return s.lower() in ('1', 'true', 'yes')
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    p = argparse.ArgumentParser(description=__doc__, add_help=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--method', choices=METHODS, default='llamagen')
     p.add_argument('--stage', choices=('tokenizer', 'generator'), default='generator')
-    p.add_argument('--model', help="size: the method's SIZES (generator) or TOKENIZER_SIZES (tokenizer); default: its '-tiny' one")
+    p.add_argument('--model', help="size: the method's SIZES (generator) or TOKENIZER_SIZES "
+                                   "(tokenizer); default: its 'tiny' one")
     p.add_argument('--data-path', help='ImageFolder root (default: the built-in dataset)')
-    p.add_argument('--tokenizer', help='tokenizer checkpoint, ours or official (default: train one, cache it)')
+    p.add_argument('--tokenizer', help='tokenizer checkpoint, ours or official '
+                                       '(default: train one, cache it)')
     p.add_argument('--run-dir', help='default: RESULTS_DIR/NNN-METHOD-STAGE')
     p.add_argument('--resume', help='RUN/last.pt: continue that run exactly')
-    p.add_argument('--lr-schedule', choices=('constant', 'cosine'), help='default: constant (MAR classroom: cosine)')
-    for name, kind in (('epochs', int), ('max-steps', int), ('global-batch-size', int), ('lr', float), ('warmup-steps', int)):
-        p.add_argument('--' + name, type=kind, help='default: STAGE_DEFAULTS (--epochs overrides --max-steps)')
-    for name, default, help in (
-            ('results-dir', 'results', None), ('num-images', 10000, 'size of the built-in dataset'), ('image-size', 32, None), ('seed', 0, None),
-            ('end-lr', 1e-5, 'floor of the cosine schedule'), ('weight-decay', 0.05, None), ('ema', 0.0, 'EMA decay (0: none)'),
-            ('disc-start', 20000, 'tokenizer: the step the PatchGAN loss starts'), ('disc-weight', 0.5, None), ('grad-clip', 1.0, 'MAR: 3.0'),
-            ('lpips', '', 'tokenizer: perceptual loss from VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)'),
-            ('cfg-scale', 2.0, 'for the sample grids'), ('num-workers', 8, 'image loading (ImageFolder)'),
-            ('log-every', 100, None), ('sample-every', 1000, None), ('ckpt-every', 1000, None)):
-        p.add_argument('--' + name, type=type(default), default=default, help=help)
+    p.add_argument('--lr-schedule', choices=('constant', 'cosine'),
+                   help='default: constant (MAR classroom: cosine)')
+    for name, kind in (('epochs', int), ('max-steps', int), ('global-batch-size', int),
+                       ('lr', float), ('warmup-steps', int)):
+        p.add_argument('--' + name, type=kind,
+                       help='default: STAGE_DEFAULTS (--epochs overrides --max-steps)')
+    p.add_argument('--results-dir', default='results')
+    p.add_argument('--num-images', type=int, default=10000, help='size of the built-in dataset')
+    p.add_argument('--image-size', type=int, default=32)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--end-lr', type=float, default=1e-5, help='floor of the cosine schedule')
+    p.add_argument('--weight-decay', type=float, default=0.05)
+    p.add_argument('--ema', type=float, default=0.0, help='EMA decay (0: none)')
+    p.add_argument('--disc-start', type=int, default=20000,
+                   help='tokenizer: the step the PatchGAN loss starts')
+    p.add_argument('--disc-weight', type=float, default=0.5)
+    p.add_argument('--grad-clip', type=float, default=1.0, help='MAR: 3.0')
+    p.add_argument('--lpips', default='', help='tokenizer: perceptual loss from '
+                   'VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)')
+    p.add_argument('--cfg-scale', type=float, default=2.0, help='for the sample grids')
+    p.add_argument('--num-workers', type=int, default=8, help='image loading (ImageFolder)')
+    p.add_argument('--log-every', type=int, default=100)
+    p.add_argument('--sample-every', type=int, default=1000)
+    p.add_argument('--ckpt-every', type=int, default=1000)
     module = importlib.import_module(p.parse_known_args(argv)[0].method)
-    seen = {a.dest for a in p._actions} | {'vocab_size', 'block_size', 'num_classes', 'img_size', 'vae_stride', 'vae_embed_dim', 'sub_vocab_size'}  # derived
-    for f in {f.name: f for f in fields(module.TokenizerConfig) + fields(module.Config) if f.name not in seen}.values():  # config fields -> --flags
+    config_fields = {f.name: f for f in fields(module.TokenizerConfig) + fields(module.Config)}
+    for name, f in config_fields.items():  # config fields -> --flags (the generator's win a clash)
+        if f.name in {a.dest for a in p._actions}:
+            continue
         kind = type(f.default)
-        p.add_argument('--' + f.name.replace('_', '-'), nargs='+' if kind is tuple else None, help=f'config (default {f.default})',
-                       type={bool: lambda s: s.lower() in ('1', 'true', 'yes'), tuple: int}.get(kind, kind))
+        p.add_argument('--' + name.replace('_', '-'), nargs='+' if kind is tuple else None,
+                       type={bool: parse_bool, tuple: int}.get(kind, kind),
+                       help=f'config (default {f.default})')
     p.add_argument('-h', '--help', action='help')
     args = p.parse_args(argv)
-    for k, v in {**STAGE_DEFAULTS[args.stage], **getattr(module, 'CLASSROOM', {}).get(args.stage, {})}.items():  # unset: classroom
-        setattr(args, k, v) if getattr(args, k) is None else None
-    args.model = args.model or next(k for k in (module.SIZES if args.stage == 'generator' else tokenizer_sizes(module)) if k.endswith('tiny'))
-    if args.resume:  # continue in the run's own directory, with the tokenizer it was trained on
-        args.run_dir, args.tokenizer = args.run_dir or os.path.dirname(args.resume), args.tokenizer or load_checkpoint(args.resume).get('tokenizer')
+    defaults = {**STAGE_DEFAULTS[args.stage], **module.CLASSROOM.get(args.stage, {})}
+    for name, value in defaults.items():  # what is not given: the classroom run's
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    sizes = module.SIZES if args.stage == 'generator' else module.TOKENIZER_SIZES
+    args.model = args.model or tiny_size(sizes)
     return args, module
 
 
 def main(argv=None):
     args, module = parse_args(argv)
-    rank, world, device = setup_ddp()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rank, world, device = llamagen.setup_ddp()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    resume = None
+    if args.resume:  # continue in the run's own directory (and with its own tokenizer)
+        resume = llamagen.load_file(args.resume)
+        llamagen.check_run(resume, args.resume, args.method, args.stage)
+        args.run_dir = args.run_dir or os.path.dirname(args.resume)
+    # data
     if args.data_path:
         data = ImageFolder(args.data_path, args.image_size)
-    elif not 16 <= args.image_size <= 256:
-        raise SystemExit(f'train.py: --image-size {args.image_size}: the built-in dataset renders 16 to 256 pixels')
+    elif 16 <= args.image_size <= 256:
+        data = builtin_dataset(args.num_images, args.image_size, args.seed)
     else:
-        imgs, labels = builtin_images(args.num_images, args.image_size, args.seed)
-        data = TensorDataset(torch.from_numpy(imgs).permute(0, 3, 1, 2), torch.from_numpy(labels))
-        data.classes, data.key = CLASSES, f'builtin{args.num_images}-s{args.seed}'
+        raise SystemExit(f'train.py: --image-size {args.image_size}: the built-in dataset '
+                         'renders 16 to 256 pixels')
     if args.stage == 'tokenizer':
-        return train_stage(args, module, 'tokenizer', data, rank, world, device)
-    if args.tokenizer is None:  # the method's default tokenizer for this dataset, trained once and cached
-        targs = argparse.Namespace(**{**vars(args), **STAGE_DEFAULTS['tokenizer'], 'resume': None, 'epochs': None, 'ema': 0.0})
-        sizes = tokenizer_sizes(module)
-        targs.model = next(iter(sizes)) if args.data_path else next(k for k in sizes if k.endswith('tiny'))  # paper size first
-        key = hashlib.sha1(repr(config_from(module.TokenizerConfig, targs, sizes[targs.model])).encode()).hexdigest()[:8]
-        targs.run_dir = os.path.join(args.results_dir, 'tokenizers', f'{module.Tokenizer.__name__}-{data.key}-{args.image_size}px-{key}')
-        args.tokenizer = os.path.join(targs.run_dir, 'last.pt')
-        if not os.path.exists(args.tokenizer):
-            print(f'no --tokenizer given: training the default tokenizer first, cached at {args.tokenizer}') if rank == 0 else None
-            train_stage(targs, module, 'tokenizer', data, rank, world, device)
-    tok = load_tokenizer(args.tokenizer, module).to(device).eval().requires_grad_(False)
-    train_stage(args, module, 'generator', data, rank, world, device, tok)
-    dist.destroy_process_group() if dist.is_initialized() else None  # cleanup
+        train_tokenizer(args, module, data, rank, world, device, resume)
+    else:
+        if resume and not args.tokenizer:
+            args.tokenizer = llamagen.run_tokenizer(resume, args.resume)
+        path = args.tokenizer or default_tokenizer(args, module, data, rank, world, device)
+        tok = llamagen.load_tokenizer(module, path).to(device).eval().requires_grad_(False)
+        if args.image_size % tok.stride:
+            raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the '
+                             f'tokenizer stride {tok.stride}')
+        train_generator(args, module, data, tok, rank, world, device, resume)
+    if dist.is_initialized():  # cleanup
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -85,7 +85,7 @@ def test_ddp_two_processes_match_one(tok, tmp_path):
                    check=True, env=env, capture_output=True, cwd=tmp_path)
     one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
     assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5  # one log line per step: rank 0 only
-    assert sorted(os.listdir(tmp_path / 'two')) == ['last.pt', 'log.jsonl', 'loss.png', 'samples']
+    assert sorted(os.listdir(tmp_path / 'two')) == ['last.pt', 'log.jsonl', 'loss.png', 'samples', 'tokenizer.pt']
     assert Image.open(tmp_path / 'two' / 'loss.png').size == (480, 240)  # the loss curve, redrawn at each log line
     assert os.listdir(tmp_path / 'r2' / 'codes') == os.listdir(tmp_path / 'r1' / 'codes')  # shards joined, parts removed
 
@@ -115,6 +115,7 @@ def test_image_folder_skips_unreadable_images(tok, tmp_path, capsys):
     (['--data-path', '{empty}'], 'no images'),
     (['--image-size', '18'], 'not divisible by the tokenizer stride 4'),
     (['--resume', '{tok}'], 'a llamagen tokenizer checkpoint, not a llamagen generator one'),
+    (['--vocab-size', '64'], '--vocab-size is fixed by the tokenizer and the data'),
 ])
 def test_bad_input_gives_one_clear_line(tok, tmp_path, extra, message):
     os.makedirs(tmp_path / 'empty')
@@ -138,7 +139,7 @@ def test_cli_errors_have_no_traceback(tok, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--ckpt', tok, '--grid', 'x.png'],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines() == [f'{tok}: a llamagen tokenizer checkpoint, not a generator one']
+    assert r.stderr.strip().splitlines() == [f'{tok}: a llamagen tokenizer checkpoint, not a llamagen generator one']
 
 
 def test_official_checkpoints_sample(tmp_path):
@@ -169,3 +170,17 @@ def test_tokenizer_with_lpips_weights(tmp_path):
     train.main(TOK + ['--max-steps', '2', '--run-dir', str(tmp_path / 'tok'), '--results-dir', str(tmp_path),
                       '--lpips', f'{tmp_path / "vgg16.pth"},{tmp_path / "vgg.pth"}'])
     assert len(losses(tmp_path / 'tok')) == 2
+
+
+def test_a_moved_run_samples_from_any_working_directory(tok, tmp_path, monkeypatch):
+    """A run keeps its tokenizer (RUN/tokenizer.pt): moving the whole results folder, and sampling
+    from another working directory, still works."""
+    monkeypatch.chdir(tmp_path)
+    train.main(GEN + ['--tokenizer', tok, '--max-steps', '1'])  # into ./results/000-llamagen-generator
+    os.rename(tmp_path / 'results', tmp_path / 'moved')
+    os.makedirs(tmp_path / 'elsewhere')
+    monkeypatch.chdir(tmp_path / 'elsewhere')
+    ckpt = str(tmp_path / 'moved' / '000-llamagen-generator' / 'last.pt')
+    sample.main(['--ckpt', ckpt, '--grid', 'g.png', '--classes', '0', '--per-class', '2'])
+    assert Image.open('g.png').size == (2 * 18 + 2, 18 + 2)
+    assert torch.load(ckpt, weights_only=True)['tokenizer'] == 'tokenizer.pt'
