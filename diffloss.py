@@ -1,16 +1,17 @@
 """
 DiffLoss: the per-token diffusion head of MAR ("Autoregressive Image Generation without Vector
-Quantization", Li et al., 2024, arXiv:2406.11838). Official code: LTH14/mar (models/diffloss.py and
-the ADM diffusion code it vendors).
+Quantization", Li et al., 2024, arXiv:2406.11838). Official code: LTH14/mar (models/diffloss.py
+and the ADM diffusion code it vendors).
 
 A token is a continuous vector x0 (C channels of the VAE latent), so it cannot be scored with a
-softmax. Instead a small MLP, conditioned on the transformer's output z for that position, learns to
-denoise it: the loss is a DDPM loss on x0 given z, and sampling runs the reverse diffusion from noise.
-Only the one path MAR uses is written here (ADM's GaussianDiffusion has many more): cosine schedule
-with T = 1000 steps, the net predicts the noise eps and a variance interpolation v (learned range),
-loss = MSE(eps) + the variational bound term in bits, and ancestral sampling on a respaced subset of
-the steps, with a temperature on the noise and classifier-free guidance on eps only.
-Shapes: N rows (one per token), C latent channels, W MLP width.
+softmax. Instead a small MLP, conditioned on the transformer's output z for that position, learns
+to denoise it: the loss is a DDPM loss on x0 given z, and sampling runs the reverse diffusion from
+noise. Only the one path MAR uses is written here (ADM's GaussianDiffusion has many more): cosine
+schedule with T = 1000 steps, the net predicts the noise eps and a variance interpolation v
+(learned range), loss = MSE(eps) + the variational bound term in bits, and ancestral sampling on a
+respaced subset of the steps, with a temperature on the noise and classifier-free guidance on eps
+only.
+Shapes: N rows (one per token), C latent channels, Cz condition channels, W MLP width.
 """
 import math
 
@@ -18,14 +19,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import llamagen
 
-# --- the denoiser: SimpleMLPAdaLN ------------------------------------------------------------------
+
+# --- the denoiser: SimpleMLPAdaLN --------------------------------------------------------------
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
 class TimestepEmbedder(nn.Module):
-    """t (N,) integer steps in [0, T) -> (N, W): sinusoids of 256 frequencies (cos first), then an MLP."""
+    """t (N,) integer steps in [0, T) -> (N, W): sinusoids of 256 frequencies (cos first), then
+    an MLP."""
     def __init__(self, width, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
@@ -33,12 +37,14 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        i = torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(-math.log(10000) * i / half)  # (128,)
         args = t[:, None].float() * freqs[None]  # (N, 128)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
-class ResBlock(nn.Module):  # x + gate * MLP(LN(x) * (1 + scale) + shift), (shift, scale, gate) from y
+class ResBlock(nn.Module):
+    """x + gate * MLP(LN(x) * (1 + scale) + shift), with (shift, scale, gate) from y."""
     def __init__(self, width):
         super().__init__()
         self.in_ln = nn.LayerNorm(width, eps=1e-6)
@@ -64,7 +70,8 @@ class FinalLayer(nn.Module):
 
 class SimpleMLPAdaLN(nn.Module):
     """(x_t (N, C), t (N,), z (N, Cz)) -> (N, 2C): eps, then v. The condition y = emb(t) + proj(z)
-    modulates every block (AdaLN). Zero-initialised modulations and output: it starts at exactly 0."""
+    modulates every block (AdaLN). Zero-initialised modulations and output: it starts at exactly
+    0."""
     def __init__(self, in_channels, width, out_channels, z_channels, depth):
         super().__init__()
         self.time_embed = TimestepEmbedder(width)
@@ -78,28 +85,34 @@ class SimpleMLPAdaLN(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                          self.final_layer.linear]:
+        zeroed = [b.adaLN_modulation[-1] for b in self.res_blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, t, z):
-        x, y = self.input_proj(x), self.time_embed(t) + self.cond_embed(z)  # (N, W) each
+        x = self.input_proj(x)  # (N, W)
+        y = self.time_embed(t) + self.cond_embed(z)  # (N, W)
         for block in self.res_blocks:
             x = block(x, y)
         return self.final_layer(x, y)
 
 
-# --- the diffusion: one path of ADM's GaussianDiffusion, in float64 like the original ---------------
+# --- the diffusion: one path of ADM's GaussianDiffusion, in float64 like the original -----------
+def cosine_abar(s):  # abar(s) = cos^2((s + 0.008) / 1.008 * pi/2), s in [0, 1]
+    return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
 def cosine_betas(T=1000, max_beta=0.999):
-    """abar(s) = cos^2((s + 0.008) / 1.008 * pi/2); beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)."""
-    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    return np.array([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], dtype=np.float64)
+    """beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999), i = 0..T-1."""
+    betas = [min(1 - cosine_abar((i + 1) / T) / cosine_abar(i / T), max_beta) for i in range(T)]
+    return np.array(betas, dtype=np.float64)
 
 
 def respace(betas, n):
-    """Keep n of the T steps, evenly spaced and rounded: t_k = round(k (T-1)/(n-1)) (1000 -> 100 gives
-    0, 10, 20, ..., 979, 989, 999). The new betas keep the same abar at the kept steps:
+    """Keep n of the T steps, evenly spaced and rounded: t_k = round(k (T-1)/(n-1)) (1000 -> 100
+    gives 0, 10, 20, ..., 979, 989, 999). The new betas keep the same abar at the kept steps:
     beta'_k = 1 - abar[t_k] / abar[t_{k-1}]. -> (betas (n,), timestep_map (n,))."""
     T = len(betas)
     stride = (T - 1) / (n - 1) if n > 1 else 1
@@ -108,60 +121,86 @@ def respace(betas, n):
     return 1.0 - abar / np.concatenate([[1.0], abar[:-1]]), np.array(kept)
 
 
-def normal_kl(m1, logv1, m2, logv2):  # KL(N(m1, e^logv1) || N(m2, e^logv2)), elementwise, in nats
-    return 0.5 * (-1.0 + logv2 - logv1 + torch.exp(logv1 - logv2) + (m1 - m2) ** 2 * torch.exp(-logv2))
+def normal_kl(m1, logv1, m2, logv2):
+    """KL(N(m1, e^logv1) || N(m2, e^logv2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logv2 - logv1 + torch.exp(logv1 - logv2)
+                  + (m1 - m2) ** 2 * torch.exp(-logv2))
+
+
+def approx_normal_cdf(u):  # the standard normal CDF by the tanh approximation, as the original
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
 
 
 def discretized_gaussian_nll(x, mean, logvar):
-    """-log P(x in [x - 1/255, x + 1/255]) under N(mean, e^logvar), the edge bins open-ended (the ADM
-    decoder term for t = 0, made for [-1, 1] pixels and applied to latents as is). Normal CDF by the
-    tanh approximation, as the original."""
-    cdf = lambda u: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))  # noqa: E731
+    """-log P(x in [x - 1/255, x + 1/255]) under N(mean, e^logvar), the edge bins open-ended (the
+    ADM decoder term for t = 0, made for [-1, 1] pixels and applied to latents as is)."""
     inv_std = torch.exp(-0.5 * logvar)
-    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
-    log_p = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
-                        torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    cdf_plus = approx_normal_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = approx_normal_cdf(inv_std * (x - mean - 1 / 255))
+    log_below = cdf_plus.clamp(min=1e-12).log()  # the bin (-inf, x + 1/255]
+    log_above = (1 - cdf_min).clamp(min=1e-12).log()  # the bin [x - 1/255, inf)
+    log_bin = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    log_p = torch.where(x < -0.999, log_below, torch.where(x > 0.999, log_above, log_bin))
     return -log_p
 
 
 class Diffusion:
-    """Schedules for the steps k = 0..n-1 (all T, or a respaced subset). The network is always called
-    with the ORIGINAL step timestep_map[k]. Plain tensors, not buffers: no state-dict entries."""
+    """Schedules for the steps k = 0..n-1 (all T, or a respaced subset). The network is always
+    called with the ORIGINAL step timestep_map[k]. Plain tensors, not buffers: no state-dict
+    entries."""
     def __init__(self, betas, timestep_map):
-        b, alpha = betas, 1.0 - betas  # numpy float64, then CPU tensors (also under a meta default device)
+        # numpy float64, then CPU tensors (also under a meta default device)
+        alpha = 1.0 - betas
         ac = np.cumprod(alpha)  # abar_k
         ac_prev = np.append(1.0, ac[:-1])
-        var = b * (1 - ac_prev) / (1 - ac)  # posterior q(x_{k-1} | x_k, x0) = N(c1 x0 + c2 x_k, var)
-        arrays = dict(sqrt_ac=np.sqrt(ac), sqrt_1m_ac=np.sqrt(1 - ac), sqrt_recip_ac=np.sqrt(1 / ac),
-                      sqrt_recipm1_ac=np.sqrt(1 / ac - 1), log_betas=np.log(b),
-                      post_logvar=np.log(np.append(var[1], var[1:])),  # var_0 = 0: its log uses var_1
-                      post_c1=b * np.sqrt(ac_prev) / (1 - ac), post_c2=(1 - ac_prev) * np.sqrt(alpha) / (1 - ac))
+        # the posterior q(x_{k-1} | x_k, x0) = N(c1 x0 + c2 x_k, var)
+        var = betas * (1 - ac_prev) / (1 - ac)
+        arrays = dict(
+            sqrt_ac=np.sqrt(ac),
+            sqrt_1m_ac=np.sqrt(1 - ac),
+            sqrt_recip_ac=np.sqrt(1 / ac),
+            sqrt_recipm1_ac=np.sqrt(1 / ac - 1),
+            log_betas=np.log(betas),
+            post_logvar=np.log(np.append(var[1], var[1:])),  # var_0 = 0: its log uses var_1
+            post_c1=betas * np.sqrt(ac_prev) / (1 - ac),
+            post_c2=(1 - ac_prev) * np.sqrt(alpha) / (1 - ac),
+        )
         for name, a in arrays.items():
             setattr(self, name, torch.from_numpy(a))
-        self.num_timesteps, self.timestep_map = len(b), torch.from_numpy(timestep_map).long()
+        self.num_timesteps = len(betas)
+        self.timestep_map = torch.from_numpy(timestep_map).long()
 
-    def at(self, a, k, x):  # a[k] as float32 (N, 1) on x's device (indexed in float64 on the CPU)
+    def at(self, a, k, x):
+        """a[k] as float32 (N, 1) on x's device (indexed in float64 on the CPU)."""
         return a[k.cpu()].to(x.device, torch.float32)[:, None]
 
     def q_sample(self, x0, k, noise):  # x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps
         return self.at(self.sqrt_ac, k, x0) * x0 + self.at(self.sqrt_1m_ac, k, x0) * noise
 
-    def q_posterior(self, x0, xk, k):  # -> mean, clipped log variance of q(x_{k-1} | x_k, x0)
-        return self.at(self.post_c1, k, xk) * x0 + self.at(self.post_c2, k, xk) * xk, self.at(self.post_logvar, k, xk)
+    def q_posterior(self, x0, xk, k):
+        """-> mean, clipped log variance of q(x_{k-1} | x_k, x0)."""
+        mean = self.at(self.post_c1, k, xk) * x0 + self.at(self.post_c2, k, xk) * xk
+        return mean, self.at(self.post_logvar, k, xk)
 
     def p_mean_logvar(self, out, xk, k, clip=0.0):
-        """Net output (eps, v) -> mean and log variance of p(x_{k-1} | x_k). x0_hat = sqrt(1/abar) x_k
-        - sqrt(1/abar - 1) eps, clamped to +-clip if clip > 0 (official: not clipped); the log variance
-        interpolates between the posterior's and beta's: f log(beta) + (1 - f) log(var~), f = (v + 1) / 2."""
+        """Net output (eps, v) -> mean and log variance of p(x_{k-1} | x_k).
+        x0_hat = sqrt(1/abar) x_k - sqrt(1/abar - 1) eps, clamped to +-clip if clip > 0 (official:
+        not clipped); the log variance interpolates between the posterior's and beta's:
+        f log(beta) + (1 - f) log(var~), f = (v + 1) / 2."""
         eps, v = out.chunk(2, dim=1)
         f = (v + 1) / 2
         logvar = f * self.at(self.log_betas, k, xk) + (1 - f) * self.at(self.post_logvar, k, xk)
-        x0_hat = self.at(self.sqrt_recip_ac, k, xk) * xk - self.at(self.sqrt_recipm1_ac, k, xk) * eps
-        return self.q_posterior(x0_hat.clamp(-clip, clip) if clip > 0 else x0_hat, xk, k)[0], logvar
+        c_x = self.at(self.sqrt_recip_ac, k, xk)
+        c_eps = self.at(self.sqrt_recipm1_ac, k, xk)
+        x0_hat = c_x * xk - c_eps * eps
+        if clip > 0:
+            x0_hat = x0_hat.clamp(-clip, clip)
+        mean, _ = self.q_posterior(x0_hat, xk, k)
+        return mean, logvar
 
     def training_losses(self, net, x0, k, z, noise):
-        """-> (N,) loss = mean_c (eps - eps_hat)^2 + vb. vb = KL(q(x_{k-1} | x_k, x0) || p) in bits per
-        channel (the decoder NLL at k = 0), computed with eps_hat detached: it trains only v."""
+        """-> (N,) loss = mean_c (eps - eps_hat)^2 + vb. vb = KL(q(x_{k-1} | x_k, x0) || p) in bits
+        per channel (the decoder NLL at k = 0), computed with eps_hat detached: it trains only v."""
         xk = self.q_sample(x0, k, noise)
         out = net(xk, self.timestep_map.to(x0.device)[k], z)  # (N, 2C)
         eps, v = out.chunk(2, dim=1)
@@ -173,39 +212,51 @@ class Diffusion:
         return mse + torch.where(k == 0, nll, kl)
 
 
-# --- DiffLoss --------------------------------------------------------------------------------------
+# --- DiffLoss ----------------------------------------------------------------------------------
 class DiffLoss(nn.Module):
     """loss(target (N, C), z (N, Cz)) and sample(z) for the rows of the tokens being predicted."""
-    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, clip_denoised=0.0, T=1000):
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100,
+                 clip_denoised=0.0, T=1000):
         super().__init__()
-        self.in_channels, self.num_sampling_steps, self.clip = target_channels, num_sampling_steps, clip_denoised
+        self.in_channels = target_channels
+        self.num_sampling_steps = num_sampling_steps
+        self.clip = clip_denoised
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
         self.betas = cosine_betas(T)
         self.train_diffusion = Diffusion(self.betas, np.arange(T))
         self.gen_diffusion = {}  # respaced schedules by number of steps, built on first use
 
-    def forward(self, target, z):  # -> scalar, the mean over rows of a random step each
-        k = torch.randint(0, self.train_diffusion.num_timesteps, (len(target),), device=target.device)
-        return self.train_diffusion.training_losses(self.net, target, k, z, torch.randn_like(target)).mean()
+    def forward(self, target, z):
+        """-> scalar, the mean over rows of a random step each."""
+        N = len(target)
+        k = torch.randint(0, self.train_diffusion.num_timesteps, (N,), device=target.device)
+        noise = torch.randn_like(target)
+        return self.train_diffusion.training_losses(self.net, target, k, z, noise).mean()
 
     @torch.no_grad()
     def sample(self, z, temperature=1.0, cfg=1.0, num_steps=0, generator=None):
-        """z (N, Cz), or (2N, Cz) = [cond; uncond] when cfg != 1 -> x0 (N, C). Ancestral sampling over
-        num_steps respaced steps (0: the default): x_{k-1} = mean + [k > 0] exp(logvar / 2) temperature n.
+        """z (N, Cz), or (2N, Cz) = [cond; uncond] when guided -> x0 (N, C). Ancestral sampling
+        over num_steps respaced steps (0: the default):
+        x_{k-1} = mean + [k > 0] exp(logvar / 2) temperature n.
         CFG (official): eps = eps_u + cfg (eps_c - eps_u); the variance stays the conditional one.
-        Why clip_denoised: at k = T-1, abar = 2.4e-9 and x0_hat = (x_k - eps_hat) / 4.9e-5, so an eps
-        error of 1e-3 is a jump of ~20 in x0_hat: a trained head copes, a briefly trained one explodes."""
+        Why clip_denoised: at k = T-1, abar = 2.4e-9 and x0_hat = (x_k - eps_hat) / 4.9e-5, so an
+        eps error of 1e-3 is a jump of ~20 in x0_hat: a trained head copes, a briefly trained one
+        explodes."""
         n = num_steps or self.num_sampling_steps
         if n not in self.gen_diffusion:
             self.gen_diffusion[n] = Diffusion(*respace(self.betas, n))
-        d, N = self.gen_diffusion[n], len(z) // (2 if cfg != 1.0 else 1)
-        x = torch.randn(N, self.in_channels, device=z.device, generator=generator)  # fp32 throughout
+        d = self.gen_diffusion[n]
+        guided = llamagen.guided(cfg)
+        N = len(z) // 2 if guided else len(z)
+        # x_T ~ N(0, I), fp32 throughout
+        x = torch.randn(N, self.in_channels, device=z.device, generator=generator)
         for k in reversed(range(n)):
             kk = torch.full((N,), k, dtype=torch.long, device=z.device)
             t = d.timestep_map.to(z.device)[kk]
-            if cfg != 1.0:  # both halves from the same x, the unconditional half only guides eps
+            if guided:  # both halves from the same x, the unconditional half only guides eps
                 out = self.net(torch.cat([x, x]), torch.cat([t, t]), z)
-                (eps_c, v), (eps_u, _) = out[:N].chunk(2, dim=1), out[N:].chunk(2, dim=1)
+                eps_c, v = out[:N].chunk(2, dim=1)
+                eps_u, _ = out[N:].chunk(2, dim=1)
                 out = torch.cat([eps_u + cfg * (eps_c - eps_u), v], dim=1)
             else:
                 out = self.net(x, t, z)
