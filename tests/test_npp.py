@@ -1,9 +1,8 @@
-"""NPP (npp.py): p = 1 is LlamaGen, the patch loss against a token-by-token reference, the official
-key manifest, NPP checkpoints sampling through LlamaGen, the stage/LR schedule, and a tiny train.py run
-across a stage boundary that then samples."""
+"""NPP (npp.py): p = 1 is LlamaGen, the patch loss against a token-by-token reference, the
+official key manifest, NPP checkpoints sampling through LlamaGen, the stage/LR schedule, and a tiny
+train.py run across a stage boundary that then samples."""
 import argparse
 import json
-import os
 
 import pytest
 import torch
@@ -13,21 +12,19 @@ import llamagen
 import npp
 import sample
 import train
+import vq
 
-KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'official_keys', 'npp_gpt_b_c2i_256.json')
-DATA = ['--num-images', '64', '--image-size', '16']  # 4x4 tokens with the tiny tokenizer below
-TOK = ['--stage', 'tokenizer', '--max-steps', '3', '--global-batch-size', '8', '--ch', '32', '--z-channels', '32',
-       '--encoder-ch-mult', '1', '2', '2', '--decoder-ch-mult', '1', '2', '2', '--codebook-size', '32',
-       '--num-res-blocks', '1', '--disc-start', '1', '--log-every', '1'] + DATA
-GEN = ['--dim', '32', '--n-layer', '2', '--n-head', '2', '--global-batch-size', '8', '--log-every', '1',
-       '--sample-every', '1000', '--ckpt-every', '1000'] + DATA
+DATA = ['--num-images', '64', '--image-size', '16']  # 4x4 tokens with conftest's tiny_vq
+GEN = ['--dim', '32', '--n-layer', '2', '--n-head', '2', '--global-batch-size', '8',
+       '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1000'] + DATA
 
 
 def tiny(**kw):
-    cfg = npp.Config(**{**dict(dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=64, num_classes=5), **kw})
+    cfg = dict(dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=64, num_classes=5)
     torch.manual_seed(0)
-    model = npp.Model(cfg)
-    torch.nn.init.normal_(model.output.weight, std=0.5)  # the official zero init would make every logit 0
+    model = npp.Model(npp.Config(**{**cfg, **kw}))
+    # the official zero init would make every logit 0
+    torch.nn.init.normal_(model.output.weight, std=0.5)
     return model.eval()
 
 
@@ -52,6 +49,18 @@ def test_patch_1_is_llamagen(training):
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
 
 
+def patch_cells(g, p):
+    """[raster indices of the tokens of patch j] for the (g/p)^2 patches of a g x g grid, in
+    raster order over the coarse grid, the tokens of a patch row-major (the definition)."""
+    n = g // p
+    cells = []
+    for j in range(n * n):
+        rows = range((j // n) * p, (j // n + 1) * p)
+        cols = range((j % n) * p, (j % n + 1) * p)
+        cells.append([r * g + c for r in rows for c in cols])
+    return cells
+
+
 @pytest.mark.parametrize('p', [2, 4])
 def test_patch_loss_matches_token_by_token_reference(p):
     model, g, hd = tiny(), 8, 16
@@ -61,14 +70,14 @@ def test_patch_loss_matches_token_by_token_reference(p):
     n = g // p  # coarse grid side
     assert logits.shape == (2, n * n, 32)
     # the definition, one patch at a time: patch j = (j // n, j % n) on the coarse grid
-    cells = [[(r * g + c) for r in range((j // n) * p, (j // n + 1) * p) for c in range((j % n) * p, (j % n + 1) * p)]
-             for j in range(n * n)]
+    cells = patch_cells(g, p)
     emb, nll, ref_logits = model.tok_embeddings.weight, [], []
+    pos = torch.tensor([[j // n, j % n] for j in range(n * n)])  # in patch units
+    freqs = torch.cat([torch.zeros(1, hd // 2, 2), llamagen.rope_2d(pos, hd, 10000.0)])
     for b in range(2):
         x = [model.cls_embedding.embedding_table.weight[labels[b]]]
-        x += [torch.stack([emb[tokens[b, k]] for k in cells[j]]).mean(0) for j in range(n * n - 1)]
-        pos = torch.tensor([[j // n, j % n] for j in range(n * n)])  # in patch units
-        freqs = torch.cat([torch.zeros(1, hd // 2, 2), llamagen.rope_2d(pos, hd, 10000.0)])
+        for j in range(n * n - 1):
+            x.append(torch.stack([emb[tokens[b, k]] for k in cells[j]]).mean(0))
         out = model.backbone(torch.stack(x)[None], freqs[: n * n])[0]  # (n*n, V)
         ref_logits.append(out)
         for j in range(n * n):
@@ -81,21 +90,24 @@ def test_patch_loss_matches_token_by_token_reference(p):
         changed = tokens.clone()
         changed[:, cells[k][-1]] = (changed[:, cells[k][-1]] + 1) % 32
         out, _ = model(changed, labels)
-        assert torch.equal(out[:, :k + 1], logits[:, :k + 1]) and not torch.allclose(out[:, k + 1:], logits[:, k + 1:])
+        assert torch.equal(out[:, :k + 1], logits[:, :k + 1])
+        assert not torch.allclose(out[:, k + 1:], logits[:, k + 1:])
 
 
 def test_integer_patchify_layout():
     ids = torch.arange(16).reshape(1, 16)  # a 4x4 grid in raster order
-    assert npp.patchify(ids, 2).tolist() == [[[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]]
-    assert npp.patchify(ids, 1).tolist() == [[[k] for k in range(16)]] and npp.patchify(ids, 4).tolist() == [[list(range(16))]]
+    expected = [[[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]]
+    assert npp.patchify(ids, 2).tolist() == expected
+    assert npp.patchify(ids, 1).tolist() == [[[k] for k in range(16)]]
+    assert npp.patchify(ids, 4).tolist() == [[list(range(16))]]
 
 
-def test_keys_match_official_npp_manifest():
+def test_keys_match_official_npp_manifest(manifest):
     with torch.device('meta'):
-        model = npp.Model(npp.Config(**npp.SIZES['GPT-B'], vocab_size=16384, block_size=256, num_classes=1000))
-    if not os.path.exists(KEYS):
-        pytest.skip(f'{KEYS} not found')
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == {k: s for k, s in json.load(open(KEYS))['keys']}
+        cfg = npp.Config(**npp.SIZES['GPT-B'], vocab_size=16384, block_size=256, num_classes=1000)
+        model = npp.Model(cfg)
+    ref = manifest('npp_gpt_b_c2i_256')
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref
     assert sum(v.numel() for v in model.parameters()) == 110888448  # no new parameters
     assert npp.Model.generate is llamagen.Model.generate and model.freqs_cis.shape == (257, 32, 2)
 
@@ -104,27 +116,31 @@ def test_npp_checkpoint_samples_through_llamagen(tmp_path):
     model = tiny(block_size=16)
     model.on_step(0, 10)  # in the 2x2 stage: generate must not depend on it
     assert model.patch == 2
-    kw = dict(cfg_scale=2.0, temperature=0.9, top_k=8, generator=None)
+    kw = dict(cfg_scale=2.0, temperature=0.9, top_k=8)
     labels = torch.tensor([0, 3, 4])
-    a = model.generate(labels, **{**kw, 'generator': torch.Generator().manual_seed(0)})
-    b = as_llamagen(model).generate(labels, **{**kw, 'generator': torch.Generator().manual_seed(0)})
+    a = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+    b = as_llamagen(model).generate(labels, generator=torch.Generator().manual_seed(0), **kw)
     assert a.shape == (3, 16) and torch.equal(a, b)
-    # an official-layout file (state dict under 'model' + a pickled Namespace) through sample.py --official
-    import vq
+    # an official-layout file (state dict under 'model' + a pickled Namespace) through
+    # sample.py --official
     tok = vq.VQModel(vq.VQConfig(**vq.VQ_SIZES['VQ-tiny']))
-    gpt = npp.Model(npp.Config(**npp.SIZES['GPT-tiny'], vocab_size=512, block_size=16, num_classes=10))
+    cfg = npp.Config(**npp.SIZES['GPT-tiny'], vocab_size=512, block_size=16, num_classes=10)
+    gpt = npp.Model(cfg)
     ns = argparse.Namespace(gpt_model='GPT-tiny', patch_level=2, epoch_rate=0.5)
     torch.save({'model': tok.state_dict(), 'args': ns}, tmp_path / 'vq.pt')
     torch.save({'model': gpt.state_dict(), 'steps': 1, 'args': ns}, tmp_path / 'gpt.pt')
-    sample.main(['--official', '--method', 'npp', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt', str(tmp_path / 'vq.pt'),
-                 '--model', 'GPT-tiny', '--vq-model', 'VQ-tiny', '--image-size', '16', '--num-classes', '10',
+    sample.main(['--official', '--method', 'npp', '--gpt-ckpt', str(tmp_path / 'gpt.pt'),
+                 '--vq-ckpt', str(tmp_path / 'vq.pt'), '--model', 'GPT-tiny',
+                 '--vq-model', 'VQ-tiny', '--image-size', '16', '--num-classes', '10',
                  '--grid', str(tmp_path / 'g.png'), '--classes', '1', '2', '--per-class', '2'])
     assert Image.open(tmp_path / 'g.png').size == (2 * 18 + 2, 2 * 18 + 2)
 
 
 def test_schedule_stages_and_lr():
-    assert npp.stage_ends(2, 0.5, 300) == [150, 300] and npp.stage_ends(3, 0.5, 300) == [75, 150, 300]
-    assert npp.stage_ends(4, 0.5, 300) == [37, 75, 150, 300] and npp.stage_ends(1, 0.5, 300) == [300]
+    assert npp.stage_ends(2, 0.5, 300) == [150, 300]
+    assert npp.stage_ends(3, 0.5, 300) == [75, 150, 300]
+    assert npp.stage_ends(4, 0.5, 300) == [37, 75, 150, 300]
+    assert npp.stage_ends(1, 0.5, 300) == [300]
     # level 2 over 300 steps: warmup 10 steps per stage, decay over the last 30 steps of each stage
     model = tiny(patch_level=2, warmup_ratio=10 / 300, decay_ratio=0.2, end_lr_ratio=0.1)
     scale, patch = {}, {}
@@ -133,28 +149,30 @@ def test_schedule_stages_and_lr():
         patch[s] = model.patch
     assert {patch[s] for s in range(150)} == {2} and {patch[s] for s in range(150, 300)} == {1}
     for start in (0, 150):  # the warmup restarts with the stage, then constant, then the decay
-        assert [scale[start + k] for k in range(10)] == pytest.approx([(k + 1) / 10 for k in range(10)])
+        warmup = [scale[start + k] for k in range(10)]
+        assert warmup == pytest.approx([(k + 1) / 10 for k in range(10)])
         assert [scale[s] for s in range(start + 10, start + 121)] == pytest.approx([1.0] * 111)
-        assert scale[start + 135] == pytest.approx(0.1 + 0.9 * 15 / 30) and scale[start + 149] == pytest.approx(0.1 + 0.9 / 30)
+        assert scale[start + 135] == pytest.approx(0.1 + 0.9 * 15 / 30)
+        assert scale[start + 149] == pytest.approx(0.1 + 0.9 / 30)
     model = tiny(patch_level=3)  # 4x4, 2x2, tokens
-    assert [(model.on_step(s, 300), model.patch)[1] for s in (0, 74, 75, 149, 150, 299)] == [4, 4, 2, 2, 1, 1]
+    sides = []
+    for s in (0, 74, 75, 149, 150, 299):
+        model.on_step(s, 300)
+        sides.append(model.patch)
+    assert sides == [4, 4, 2, 2, 1, 1]
 
 
-@pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-    root = tmp_path_factory.mktemp('tok')
-    train.main(TOK + ['--run-dir', str(root / 'tok'), '--results-dir', str(root)])
-    return str(root / 'tok' / 'last.pt')
-
-
-def test_train_py_npp_crosses_a_stage_and_samples(tok, tmp_path):
-    run = tmp_path / 'npp'
-    train.main(GEN + ['--method', 'npp', '--tokenizer', tok, '--max-steps', '6', '--warmup-steps', '0', '--lr', '1e-3',
-                      '--warmup-ratio', '0.34', '--decay-ratio', '0', '--run-dir', str(run), '--results-dir', str(tmp_path)])
+def test_train_py_npp_crosses_a_stage_and_samples(tiny_vq, tmp_path):
+    run = tmp_path / 'npp'  # tiny_vq: the shared 16-px VQ tokenizer of conftest.py
+    train.main(GEN + ['--method', 'npp', '--tokenizer', tiny_vq, '--max-steps', '6',
+                      '--warmup-steps', '0', '--lr', '1e-3', '--warmup-ratio', '0.34',
+                      '--decay-ratio', '0', '--run-dir', str(run), '--results-dir', str(tmp_path)])
     ckpt = torch.load(run / 'last.pt', weights_only=True)
     assert ckpt['method'] == 'npp' and ckpt['step'] == 6 and ckpt['config']['patch_level'] == 2
-    lrs = [json.loads(line)['lr'] for line in open(run / 'log.jsonl')]  # stages: steps 0-2 on 2x2 patches, 3-5 tokens
-    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 1e-3, 1e-3])  # a 2-step warmup in each stage
-    assert all(0 < json.loads(line)['loss'] < 10 for line in open(run / 'log.jsonl'))
-    sample.main(['--ckpt', str(run / 'last.pt'), '--grid', str(tmp_path / 'g.png'), '--per-class', '2'])
+    log = [json.loads(line) for line in open(run / 'log.jsonl')]
+    # stages: steps 0-2 on 2x2 patches, 3-5 tokens; a 2-step warmup in each stage
+    assert [r['lr'] for r in log] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 1e-3, 1e-3])
+    assert all(0 < r['loss'] < 10 for r in log)
+    sample.main(['--ckpt', str(run / 'last.pt'), '--grid', str(tmp_path / 'g.png'),
+                 '--per-class', '2'])
     assert Image.open(tmp_path / 'g.png').size == (2 * 18 + 2, 10 * 18 + 2)
