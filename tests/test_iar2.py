@@ -13,6 +13,7 @@ import iar2
 import llamagen
 import sample
 import train
+from conftest import DATA
 
 
 def shapes(module):
@@ -261,9 +262,6 @@ def test_cfg_schedule_formula_and_its_use_in_generate(monkeypatch):
             assert torch.allclose(mixed[2 * n + i - 1], u + (c - u) * scale, atol=1e-5)
     with pytest.raises(SystemExit, match='two scales'):
         model.generate(labels, cfg_scale1=(2.0,))
-
-
-DATA = ['--num-images', '40', '--image-size', '16']
 
 
 def test_trains_and_samples_on_the_builtin_dataset(tmp_path):

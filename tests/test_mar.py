@@ -16,6 +16,7 @@ import mar
 import sample
 import train
 import vq
+from conftest import DATA
 
 
 def tiny(**kw):  # 32x32 images, stride 4: an 8x8 grid of 4-channel tokens
@@ -248,9 +249,6 @@ def test_attention_is_timms_formula():  # softmax(q k^T / sqrt(D)) v over every 
     q, k, v = attn.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
     y = ((q @ k.transpose(-1, -2)) / 8 ** 0.5).softmax(-1) @ v
     assert torch.allclose(attn(x), attn.proj(y.transpose(1, 2).reshape(2, 7, 32)), atol=1e-5)
-
-
-DATA = ['--num-images', '64', '--image-size', '16']
 
 
 def test_classroom_run_decays_the_lr_and_scales_the_embeddings():

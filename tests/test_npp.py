@@ -13,9 +13,8 @@ import npp
 import sample
 import train
 import vq
-
-DATA = ['--num-images', '64', '--image-size', '16']  # 4x4 tokens with conftest's tiny_vq
-GEN = ['--dim', '32', '--n-layer', '2', '--n-head', '2', '--global-batch-size', '8',
+from conftest import DATA, GPT
+GEN = GPT + ['--global-batch-size', '8',
        '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1000'] + DATA
 
 

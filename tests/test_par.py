@@ -13,6 +13,7 @@ import llamagen
 import par
 import sample
 import train
+from conftest import DATA
 
 
 def tiny(grid=8, n=4, **kw):
@@ -162,9 +163,6 @@ def test_causality_in_par_order(group_mask):
             changed = [not torch.allclose(out[:, p], base[:, p]) for p in block]
             # group mask: all n predictions of group m+1 see t_k; plain causal: only those from e on
             assert changed == [group_mask or p >= e for p in block]
-
-
-DATA = ['--num-images', '64', '--image-size', '16']
 
 
 def test_trains_and_samples_on_the_builtin_dataset(tiny_vq, tmp_path):

@@ -18,6 +18,7 @@ import rar
 import sample
 import train
 import vq
+from conftest import DATA
 
 V, L, K = 16, 16, 5  # codebook, tokens (4x4), classes
 
@@ -211,9 +212,6 @@ def test_kv_cache_generation_equals_the_no_cache_forward(cfg_scale, pow):
         forced = forced[3:] + (forced[:3] - forced[3:]) * s[None, :, None]
     assert torch.equal(tokens, forced.argmax(-1))
     assert all(b.attn.kv_cache is None for b in model.blocks)  # the caches are gone after generate
-
-
-DATA = ['--num-images', '64', '--image-size', '16']
 
 
 @pytest.fixture(scope='module')

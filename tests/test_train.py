@@ -12,14 +12,13 @@ from PIL import Image
 
 import sample
 import train
+from conftest import DATA, GPT, VQ
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = ['--num-images', '64', '--image-size', '16']
-TOK = ['--stage', 'tokenizer', '--max-steps', '3', '--global-batch-size', '8', '--ch', '32', '--z-channels', '32',
-       '--encoder-ch-mult', '1', '2', '2', '--decoder-ch-mult', '1', '2', '2', '--codebook-size', '32',
-       '--num-res-blocks', '1', '--disc-start', '1', '--log-every', '1'] + DATA
-GEN = ['--dim', '32', '--n-layer', '2', '--n-head', '2', '--global-batch-size', '8', '--log-every', '1',
-       '--sample-every', '1000', '--ckpt-every', '1000'] + DATA
+TOK = ['--stage', 'tokenizer', '--max-steps', '3', '--global-batch-size', '8', '--disc-start', '1',
+       '--log-every', '1'] + VQ + DATA
+GEN = GPT + ['--global-batch-size', '8', '--log-every', '1', '--sample-every', '1000',
+             '--ckpt-every', '1000'] + DATA
 
 
 def losses(run):
@@ -37,7 +36,8 @@ def test_builtin_dataset_is_deterministic_and_balanced():
     a, la = train.builtin_images(40, 32, seed=0)
     b, lb = train.builtin_images(40, 32, seed=0)
     c, _ = train.builtin_images(40, 32, seed=1)
-    assert a.shape == (40, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.shape == (40, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.bincount(la).tolist() == [4] * 10 and len(train.CLASSES) == 10
     assert train.builtin_images(2, 256)[0].shape == (2, 256, 256, 3)
 
@@ -51,50 +51,63 @@ def test_tokenizer_stage(tok):
 
 def test_generator_trains_and_samples(tok, tmp_path):
     run = tmp_path / 'gen'
-    train.main(GEN + ['--tokenizer', tok, '--max-steps', '4', '--run-dir', str(run), '--results-dir', str(tmp_path), '--ema', '0.9'])
-    ckpt = torch.load(run / 'last.pt', weights_only=True)  # a plain dict: the default weights_only load works
-    assert ckpt['method'] == 'llamagen' and ckpt['step'] == 4 and 'ema' in ckpt and ckpt['config']['block_size'] == 16
+    train.main(GEN + ['--tokenizer', tok, '--max-steps', '4', '--run-dir', str(run),
+                      '--results-dir', str(tmp_path), '--ema', '0.9'])
+    ckpt = torch.load(run / 'last.pt', weights_only=True)  # a plain dict: the default load works
+    assert ckpt['method'] == 'llamagen' and ckpt['step'] == 4 and 'ema' in ckpt
+    assert ckpt['config']['block_size'] == 16
     assert os.path.exists(run / 'samples' / '0000004.png') and len(losses(run)) == 4
     out = tmp_path / 's.npz'
-    sample.main(['--ckpt', str(run / 'last.pt'), '--grid', str(tmp_path / 'g.png'), '--num-samples', '25',
-                 '--out', str(out), '--batch-size', '4', '--benchmark'])
+    sample.main(['--ckpt', str(run / 'last.pt'), '--grid', str(tmp_path / 'g.png'),
+                 '--num-samples', '25', '--out', str(out), '--batch-size', '4', '--benchmark'])
     npz = np.load(out)
     assert npz['arr_0'].shape == (25, 16, 16, 3) and npz['arr_0'].dtype == np.uint8
     assert np.bincount(npz['arr_1']).tolist() == [3] * 5 + [2] * 5  # class-balanced
-    assert Image.open(tmp_path / 'g.png').size == (8 * 18 + 2, 10 * 18 + 2)  # 10 classes x 8, 2-pixel gaps
+    grid = Image.open(tmp_path / 'g.png')
+    assert grid.size == (8 * 18 + 2, 10 * 18 + 2)  # 10 classes x 8, 2-pixel gaps
 
 
 def test_resume_continues_the_exact_loss_sequence(tok, tmp_path):
-    args = GEN + ['--tokenizer', tok, '--results-dir', str(tmp_path), '--warmup-steps', '4']  # dropout on
-    train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])
-    train.main(args + ['--max-steps', '3', '--run-dir', str(tmp_path / 'b')])  # stop after 3 steps ...
-    resume = GEN + ['--results-dir', str(tmp_path), '--warmup-steps', '4', '--max-steps', '6']  # run dir, tokenizer: the run's
+    args = GEN + ['--tokenizer', tok, '--results-dir', str(tmp_path), '--warmup-steps', '4']
+    train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])  # dropout on
+    train.main(args + ['--max-steps', '3', '--run-dir', str(tmp_path / 'b')])  # stop after 3 ...
+    # ... and resume: the run's own directory and tokenizer
+    resume = GEN + ['--results-dir', str(tmp_path), '--warmup-steps', '4', '--max-steps', '6']
     train.main(resume + ['--resume', str(tmp_path / 'b' / 'last.pt')])
-    assert len(losses(tmp_path / 'a')) == 6 and losses(tmp_path / 'b') == losses(tmp_path / 'a')  # ... bit for bit
-    with pytest.raises(SystemExit, match='exists; pass --resume'):  # a finished run is not overwritten
+    assert len(losses(tmp_path / 'a')) == 6
+    assert losses(tmp_path / 'b') == losses(tmp_path / 'a')  # bit for bit
+    with pytest.raises(SystemExit, match='exists; pass --resume'):  # a run is not overwritten
         train.main(args + ['--max-steps', '6', '--run-dir', str(tmp_path / 'a')])
 
 
 def test_ddp_two_processes_match_one(tok, tmp_path):
-    nodrop = ['--token-dropout-p', '0', '--resid-dropout-p', '0', '--ffn-dropout-p', '0', '--class-dropout-prob', '0',
-              '--cfg-scale', '1', '--tokenizer', tok, '--max-steps', '4']
-    train.main(GEN + nodrop + ['--run-dir', str(tmp_path / 'one'), '--results-dir', str(tmp_path / 'r1')])
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py')]
+    nodrop = ['--token-dropout-p', '0', '--resid-dropout-p', '0', '--ffn-dropout-p', '0',
+              '--class-dropout-prob', '0', '--cfg-scale', '1', '--tokenizer', tok,
+              '--max-steps', '4']
+    one_run = ['--run-dir', str(tmp_path / 'one'), '--results-dir', str(tmp_path / 'r1')]
+    train.main(GEN + nodrop + one_run)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'train.py')]
+    two_run = ['--run-dir', str(tmp_path / 'two'), '--results-dir', str(tmp_path / 'r2')]
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    subprocess.run(cmd + GEN + nodrop + ['--run-dir', str(tmp_path / 'two'), '--results-dir', str(tmp_path / 'r2')],
-                   check=True, env=env, capture_output=True, cwd=tmp_path)
+    subprocess.run(cmd + GEN + nodrop + two_run, check=True, env=env, capture_output=True,
+                   cwd=tmp_path)
     one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
-    assert len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5  # one log line per step: rank 0 only
-    assert sorted(os.listdir(tmp_path / 'two')) == ['last.pt', 'log.jsonl', 'loss.png', 'samples', 'tokenizer.pt']
-    assert Image.open(tmp_path / 'two' / 'loss.png').size == (480, 240)  # the loss curve, redrawn at each log line
-    assert os.listdir(tmp_path / 'r2' / 'codes') == os.listdir(tmp_path / 'r1' / 'codes')  # shards joined, parts removed
+    assert len(two) == 4  # one log line per step: rank 0 only
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    files = ['last.pt', 'log.jsonl', 'loss.png', 'samples', 'tokenizer.pt']
+    assert sorted(os.listdir(tmp_path / 'two')) == files
+    assert Image.open(tmp_path / 'two' / 'loss.png').size == (480, 240)  # redrawn at each log
+    # the shards of the code extraction joined, the parts removed
+    assert os.listdir(tmp_path / 'r2' / 'codes') == os.listdir(tmp_path / 'r1' / 'codes')
 
 
 def folder(root, n=4, bad=False):
     for c in ('cats', 'dogs'):
         os.makedirs(root / c)
         for i in range(n):
-            Image.fromarray(np.random.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+            pixels = np.random.randint(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f'{i}.png')
     if bad:
         (root / 'dogs' / 'broken.png').write_bytes(b'not a png at all')
     return str(root)
@@ -102,8 +115,9 @@ def folder(root, n=4, bad=False):
 
 def test_image_folder_skips_unreadable_images(tok, tmp_path, capsys):
     data = folder(tmp_path / 'data', bad=True)
-    train.main(GEN + ['--tokenizer', tok, '--data-path', data, '--max-steps', '1', '--global-batch-size', '4',
-                      '--run-dir', str(tmp_path / 'run'), '--results-dir', str(tmp_path), '--num-workers', '0'])
+    train.main(GEN + ['--tokenizer', tok, '--data-path', data, '--max-steps', '1',
+                      '--global-batch-size', '4', '--run-dir', str(tmp_path / 'run'),
+                      '--results-dir', str(tmp_path), '--num-workers', '0'])
     out = capsys.readouterr().out
     assert 'skipping unreadable image' in out and 'broken.png' in out
     ds = train.ImageFolder(data, 16)
@@ -120,54 +134,65 @@ def test_image_folder_skips_unreadable_images(tok, tmp_path, capsys):
 def test_bad_input_gives_one_clear_line(tok, tmp_path, extra, message):
     os.makedirs(tmp_path / 'empty')
     extra = [a.format(empty=tmp_path / 'empty', tok=tok) for a in extra]
+    run = ['--run-dir', str(tmp_path / 'r'), '--results-dir', str(tmp_path)]
     with pytest.raises(SystemExit) as e:
-        train.main(GEN + ['--tokenizer', tok, '--max-steps', '1', '--run-dir', str(tmp_path / 'r'), '--results-dir', str(tmp_path)] + extra)
+        train.main(GEN + ['--tokenizer', tok, '--max-steps', '1'] + run + extra)
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tok, tmp_path):
     run = tmp_path / 'nan'
     with pytest.raises(SystemExit) as e:
-        train.main(GEN + ['--tokenizer', tok, '--lr', '1e30', '--max-steps', '20', '--ckpt-every', '1',
-                          '--run-dir', str(run), '--results-dir', str(tmp_path)])
-    assert 'loss is nan or inf' in str(e.value) and f'Last good checkpoint: {run / "last.pt"}' in str(e.value)
+        train.main(GEN + ['--tokenizer', tok, '--lr', '1e30', '--max-steps', '20',
+                          '--ckpt-every', '1', '--run-dir', str(run),
+                          '--results-dir', str(tmp_path)])
+    assert 'loss is nan or inf' in str(e.value)
+    assert f'Last good checkpoint: {run / "last.pt"}' in str(e.value)
     ck = torch.load(run / 'last.pt', weights_only=True)
     assert ck['step'] >= 1 and all(torch.isfinite(v).all() for v in ck['model'].values())
 
 
 def test_cli_errors_have_no_traceback(tok, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--ckpt', tok, '--grid', 'x.png'],
-                       capture_output=True, text=True, cwd=tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, 'sample.py'), '--ckpt', tok, '--grid', 'x.png']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines() == [f'{tok}: a llamagen tokenizer checkpoint, not a llamagen generator one']
+    line = f'{tok}: a llamagen tokenizer checkpoint, not a llamagen generator one'
+    assert r.stderr.strip().splitlines() == [line]
 
 
 def test_official_checkpoints_sample(tmp_path):
-    """Files in the official layout (a state dict under 'model' next to a pickled argparse.Namespace)
-    load strictly through sample.py --official and sample."""
+    """Files in the official layout (a state dict under 'model' next to a pickled
+    argparse.Namespace) load strictly through sample.py --official and sample."""
     import argparse
+
     import llamagen
     import vq
     tok = vq.VQModel(vq.VQConfig(**vq.VQ_SIZES['VQ-tiny']))
-    gpt = llamagen.Model(llamagen.Config(**llamagen.SIZES['GPT-tiny'], vocab_size=512, block_size=64, num_classes=10))
+    cfg = llamagen.Config(**llamagen.SIZES['GPT-tiny'], vocab_size=512, block_size=64,
+                          num_classes=10)
+    gpt = llamagen.Model(cfg)
     ns = argparse.Namespace(gpt_model='GPT-tiny', image_size=32)
-    torch.save({'model': tok.state_dict(), 'optimizer': {}, 'steps': 1, 'args': ns}, tmp_path / 'vq.pt')
+    torch.save({'model': tok.state_dict(), 'optimizer': {}, 'steps': 1, 'args': ns},
+               tmp_path / 'vq.pt')
     torch.save({'model': gpt.state_dict(), 'steps': 1, 'args': ns}, tmp_path / 'gpt.pt')
-    sample.main(['--official', '--method', 'llamagen', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt', str(tmp_path / 'vq.pt'),
-                 '--model', 'GPT-tiny', '--vq-model', 'VQ-tiny', '--image-size', '32', '--num-classes', '10',
-                 '--grid', str(tmp_path / 'g.png'), '--classes', '3', '7', '--per-class', '2'])
+    files = ['--official', '--method', 'llamagen', '--gpt-ckpt', str(tmp_path / 'gpt.pt'),
+             '--vq-ckpt', str(tmp_path / 'vq.pt'), '--vq-model', 'VQ-tiny', '--image-size', '32']
+    sample.main(files + ['--model', 'GPT-tiny', '--num-classes', '10', '--grid',
+                         str(tmp_path / 'g.png'), '--classes', '3', '7', '--per-class', '2'])
     assert Image.open(tmp_path / 'g.png').size == (2 * 34 + 2, 2 * 34 + 2)
-    with pytest.raises(SystemExit, match='not a checkpoint of this model/size'):  # another size: one clear line
-        sample.main(['--official', '--method', 'llamagen', '--gpt-ckpt', str(tmp_path / 'gpt.pt'), '--vq-ckpt',
-                     str(tmp_path / 'vq.pt'), '--model', 'GPT-B', '--vq-model', 'VQ-tiny', '--image-size', '32', '--grid', 'x.png'])
+    with pytest.raises(SystemExit, match='not a checkpoint of this model/size'):  # one line
+        sample.main(files + ['--model', 'GPT-B', '--grid', 'x.png'])
 
 
 def test_tokenizer_with_lpips_weights(tmp_path):
     import vq
-    torch.save({f'features.{k}': v for k, v in vq.LPIPS().features.state_dict().items()}, tmp_path / 'vgg16.pth')
-    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
-               tmp_path / 'vgg.pth')
-    train.main(TOK + ['--max-steps', '2', '--run-dir', str(tmp_path / 'tok'), '--results-dir', str(tmp_path),
+    vgg = {f'features.{k}': v for k, v in vq.LPIPS().features.state_dict().items()}
+    torch.save(vgg, tmp_path / 'vgg16.pth')
+    widths = (64, 128, 256, 512, 512)
+    lin = {f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(widths)}
+    torch.save(lin, tmp_path / 'vgg.pth')
+    train.main(TOK + ['--max-steps', '2', '--run-dir', str(tmp_path / 'tok'),
+                      '--results-dir', str(tmp_path),
                       '--lpips', f'{tmp_path / "vgg16.pth"},{tmp_path / "vgg.pth"}'])
     assert len(losses(tmp_path / 'tok')) == 2
 
@@ -176,7 +201,7 @@ def test_a_moved_run_samples_from_any_working_directory(tok, tmp_path, monkeypat
     """A run keeps its tokenizer (RUN/tokenizer.pt): moving the whole results folder, and sampling
     from another working directory, still works."""
     monkeypatch.chdir(tmp_path)
-    train.main(GEN + ['--tokenizer', tok, '--max-steps', '1'])  # into ./results/000-llamagen-generator
+    train.main(GEN + ['--tokenizer', tok, '--max-steps', '1'])  # ./results/000-llamagen-generator
     os.rename(tmp_path / 'results', tmp_path / 'moved')
     os.makedirs(tmp_path / 'elsewhere')
     monkeypatch.chdir(tmp_path / 'elsewhere')
