@@ -224,6 +224,10 @@ def barrier():
         dist.barrier()
 
 
+def ddp(module, **kwargs):  # the module as DDP sees it, or itself on one process
+    return DDP(module, **kwargs) if dist.is_initialized() else module
+
+
 # --- one stage: run directory, model, optimizer, loop, checkpoint -------------------------------
 def open_run(args, stage, rank, resume):
     """-> the run directory, rank 0's choice: RESULTS_DIR/NNN-METHOD-STAGE unless --run-dir, the
@@ -270,10 +274,6 @@ def update(opt, loss, params, grad_clip):  # one optimizer step on loss
     opt.step()
 
 
-def ddp(module, **kwargs):  # the module as DDP sees it, or itself on one process
-    return DDP(module, **kwargs) if dist.is_initialized() else module
-
-
 def train_tokenizer(args, module, data, rank, world, device, resume=None):
     """The tokenizer stage: L2 + quantizer (or KL) losses, LPIPS when its weights are given, and a
     PatchGAN hinge loss from --disc-start on. Tokenizers train without weight decay (officially
@@ -296,9 +296,10 @@ def train_tokenizer(args, module, data, rank, world, device, resume=None):
     opt_disc = torch.optim.AdamW(disc.parameters(), args.lr, (0.9, 0.95), weight_decay=0.0,
                                  fused=fused)
     state = dict(model=tok, optimizer=opt, discriminator=disc, optimizer_disc=opt_disc)
-    # IAR2's tokenizer leaves a codebook unused on some steps: DDP must not wait for its gradients
+    # IAR2's tokenizer leaves a codebook unused on some steps, and the PatchGAN sits out the steps
+    # before --disc-start: DDP must not wait for their gradients
     ddp_tok = ddp(tok, find_unused_parameters=True)
-    ddp_disc = ddp(disc)
+    ddp_disc = ddp(disc, find_unused_parameters=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
     total = total_steps(args, data, 1)
 
@@ -395,8 +396,8 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
     params = list(model.parameters())
     if args.ema > 0:  # exponential moving average of the weights, used for samples and sample.py
         state['ema'] = copy.deepcopy(model).requires_grad_(False)
-    for name, obj in state.items():
-        if resume:
+    if resume:
+        for name, obj in state.items():
             obj.load_state_dict(resume[name])
     step = start = resume['step'] if resume else 0
     per_image = 2 if meta['stage'] == 'generator' else 1  # codes: each image and its flip
@@ -419,19 +420,14 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
             group['lr'] = lr
         loss = step_fn(x, y, step)
         if 'ema' in state:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(state['ema'].parameters()), params, 1 - args.ema)
-                for e, b in zip(state['ema'].buffers(), model.buffers()):
-                    e.copy_(b)
+            ema_update(state['ema'], model, args.ema)
         loss_sum += loss.detach()
         step += 1
         bar.update(1)
         log_now = step % args.log_every == 0 or step == total
         save_now = step % args.ckpt_every == 0 or step == total
-        if (log_now or save_now) and not all_finite(params):  # keep the last good checkpoint
-            last = ckpt_path if os.path.exists(ckpt_path) else 'none'
-            raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. '
-                             f'Last good checkpoint: {last}')
+        if log_now or save_now:
+            stop_unless_finite(params, step, ckpt_path)
         if log_now:
             seconds = time.time() - t0
             speed = (step - start) * args.global_batch_size * tokens / max(seconds, 1e-9)
@@ -444,16 +440,32 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
         if rank == 0 and (step % args.sample_every == 0 or step == total):
             grid_fn(state.get('ema', model), x, os.path.join(run, 'samples', f'{step:07d}.png'))
         if save_now:
-            checkpoint = {name: obj.state_dict() for name, obj in state.items()}
-            checkpoint.update(meta, step=step, config=asdict(meta['config']), args=vars(args))
-            if rank == 0:
-                llamagen.save_checkpoint(checkpoint, ckpt_path)
-            barrier()
+            save(state, meta, step, args, ckpt_path, rank)
     bar.close()
 
 
-def all_finite(params):  # a NaN/inf loss poisons the weights: check them, not the loss
-    return bool(torch.stack([p.isfinite().all() for p in params]).all())
+def save(state, meta, step, args, path, rank):  # rank 0 writes; the others wait for it
+    checkpoint = {name: obj.state_dict() for name, obj in state.items()}
+    checkpoint.update(meta, step=step, config=asdict(meta['config']), args=vars(args))
+    if rank == 0:
+        llamagen.save_checkpoint(checkpoint, path)
+    barrier()
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; buffers copied
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def stop_unless_finite(params, step, ckpt_path):
+    """A NaN/inf loss poisons the weights: check them (one sync), and stop before a save would
+    overwrite the last good checkpoint."""
+    if not torch.stack([p.isfinite().all() for p in params]).all():
+        last = ckpt_path if os.path.exists(ckpt_path) else 'none'
+        raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. '
+                         f'Last good checkpoint: {last}')
 
 
 def mean_loss(loss_sum, step, log_every, world):  # rank-averaged loss since the last log line
