@@ -162,7 +162,7 @@ def test_schedule_stages_and_lr():
 
 
 def test_train_py_npp_crosses_a_stage_and_samples(tiny_vq, tmp_path):
-    run = tmp_path / 'npp'  # tiny_vq: the shared 16-px VQ tokenizer of conftest.py
+    run = tmp_path / 'npp'  # tiny_vq: conftest's 16-px VQ tokenizer
     train.main(GEN + ['--method', 'npp', '--tokenizer', tiny_vq, '--max-steps', '6',
                       '--warmup-steps', '0', '--lr', '1e-3', '--warmup-ratio', '0.34',
                       '--decay-ratio', '0', '--run-dir', str(run), '--results-dir', str(tmp_path)])

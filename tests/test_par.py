@@ -166,7 +166,7 @@ def test_causality_in_par_order(group_mask):
 
 
 def test_trains_and_samples_on_the_builtin_dataset(tiny_vq, tmp_path):
-    run = tmp_path / 'par'  # tiny_vq: the shared 16-px VQ tokenizer of conftest.py
+    run = tmp_path / 'par'  # tiny_vq: conftest's 16-px VQ tokenizer
     train.main(['--method', 'par', '--tokenizer', tiny_vq, '--dim', '32', '--n-layer', '2',
                 '--n-head', '2', '--max-steps', '3', '--global-batch-size', '8', '--log-every', '1',
                 '--run-dir', str(run), '--results-dir', str(tmp_path)] + DATA)

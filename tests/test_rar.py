@@ -215,7 +215,7 @@ def test_kv_cache_generation_equals_the_no_cache_forward(cfg_scale, pow):
 
 
 @pytest.fixture(scope='module')
-def tok(tiny_vq):  # the shared 16-px VQ tokenizer of conftest.py
+def tok(tiny_vq):  # conftest's 16-px VQ tokenizer
     return tiny_vq
 
 
