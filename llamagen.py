@@ -193,6 +193,20 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
+class Mlp(nn.Module):
+    """timm's MLP of a ViT block: fc1, exact GELU, dropout, fc2, dropout. Not LlamaGen's (SwiGLU):
+    RAR's and MAR's official networks use it."""
+
+    def __init__(self, dim, hidden, drop):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
 class TransformerBlock(nn.Module):  # pre-norm: x + attn(norm(x)), then h + ffn(norm(h))
     def __init__(self, cfg):
         super().__init__()

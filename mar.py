@@ -182,24 +182,13 @@ class Attention(nn.Module):  # timm's: fused qkv with bias, no RoPE, bidirection
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-class Mlp(nn.Module):  # timm's: fc1, exact GELU, dropout, fc2, dropout
-    def __init__(self, dim, hidden, drop):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
-
-
 class Block(nn.Module):  # pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)); LayerNorm eps 1e-6
     def __init__(self, dim, n_head, cfg):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, n_head, cfg.attn_dropout, cfg.proj_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.proj_dropout)
+        self.mlp = llamagen.Mlp(dim, int(dim * cfg.mlp_ratio), cfg.proj_dropout)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))

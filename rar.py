@@ -143,17 +143,6 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-class Mlp(nn.Module):  # fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm's Mlp, as official)
-    def __init__(self, dim, hidden, p):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(p)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
-
-
 class Block(nn.Module):
     """Pre-norm block with adaLN-Zero (DiT): the condition c of each slot gives a shift, scale and
     gate for each sublayer. The gates start at 0, so a fresh block is the identity."""
@@ -163,7 +152,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.dim, cfg.intermediate_size or 4 * cfg.dim, cfg.ffn_dropout_p)
+        self.mlp = llamagen.Mlp(cfg.dim, cfg.intermediate_size or 4 * cfg.dim, cfg.ffn_dropout_p)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
     def forward(self, x, c, start=0, mask=None):  # x, c (B, T, C) -> (B, T, C)

@@ -37,3 +37,13 @@ def tiny_vq(tmp_path_factory):
     train.main(['--stage', 'tokenizer', '--max-steps', '2', '--global-batch-size', '8'] + VQ + DATA
                + ['--run-dir', str(root / 'tok'), '--results-dir', str(root)])
     return str(root / 'tok' / 'last.pt')
+
+
+def tiny_gpt(module, **kw):
+    """A small module.Model (the core's or a subclass) in eval mode. Its output layer gets random
+    weights: the official zero init would make every logit 0."""
+    cfg = dict(dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=16, num_classes=5)
+    torch.manual_seed(0)
+    model = module.Model(module.Config(**{**cfg, **kw}))
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model.eval()

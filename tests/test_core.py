@@ -9,15 +9,11 @@ import torch
 
 import llamagen
 import vq
+from conftest import tiny_gpt
 
 
 def tiny(**kw):
-    cfg = dict(dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=16, num_classes=5)
-    torch.manual_seed(0)
-    model = llamagen.Model(llamagen.Config(**{**cfg, **kw}))
-    # the official zero init would make every logit 0
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model.eval()
+    return tiny_gpt(llamagen, **kw)
 
 
 def caches(model):  # the kv_cache of every attention layer

@@ -13,18 +13,13 @@ import npp
 import sample
 import train
 import vq
-from conftest import DATA, GPT
+from conftest import DATA, GPT, tiny_gpt
 GEN = GPT + ['--global-batch-size', '8',
        '--log-every', '1', '--sample-every', '1000', '--ckpt-every', '1000'] + DATA
 
 
 def tiny(**kw):
-    cfg = dict(dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=64, num_classes=5)
-    torch.manual_seed(0)
-    model = npp.Model(npp.Config(**{**cfg, **kw}))
-    # the official zero init would make every logit 0
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model.eval()
+    return tiny_gpt(npp, **{'block_size': 64, **kw})
 
 
 def as_llamagen(model):  # the same weights in the core's class
