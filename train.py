@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -36,6 +37,11 @@ from tqdm import tqdm
 
 import llamagen
 import vq
+
+try:
+    import fcntl  # file locks on the caches that runs share (POSIX only)
+except ImportError:
+    fcntl = None
 
 METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')
 
@@ -141,36 +147,70 @@ def center_crop_arr(pil, size):
     return arr[y:y + size, x:x + size]
 
 
+def list_images(root):
+    """-> (classes, [(path, label)], key) of an ImageFolder. Classes: the sub-folders of root,
+    sorted, hidden ones (a name starting with '.') skipped, as torchvision's ImageFolder; images:
+    the files with an image extension anywhere below a class folder, sorted. The key names the
+    cached codes: it changes with the list of files, their sizes and their mtimes."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    samples = []
+    digest = hashlib.sha1()
+    for label, name in enumerate(classes):
+        found = []
+        for folder, dirs, files in os.walk(os.path.join(root, name), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith('.'))  # walked in sorted order
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'):
+                    found.append(os.path.join(folder, f))
+        if not found:
+            raise SystemExit(f'train.py: --data-path {root}: class folder {name} has no images')
+        for path in found:
+            st = os.stat(path)
+            entry = f'{os.path.relpath(path, root)}\t{st.st_size}\t{st.st_mtime_ns}\n'
+            digest.update(entry.encode())
+            samples.append((path, label))
+    if not samples:
+        raise SystemExit(f'train.py: --data-path {root}: no images '
+                         '(expected one sub-folder of images per class)')
+    key = os.path.basename(os.path.normpath(root)) + '-' + digest.hexdigest()[:10]
+    return classes, samples, key
+
+
 class ImageFolder(Dataset):
     def __init__(self, root, size):
         if not os.path.isdir(root):
             raise SystemExit(f'train.py: --data-path {root}: not a directory')
         self.root, self.size = root, size
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        self.samples = []  # (path, label)
-        for label, name in enumerate(self.classes):
-            for f in sorted(os.listdir(os.path.join(root, name))):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    self.samples.append((os.path.join(root, name, f), label))
-        if not self.samples:
-            raise SystemExit(f'train.py: --data-path {root}: no images '
-                             '(expected one sub-folder of images per class)')
-        digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
-        self.key = os.path.basename(os.path.normpath(root)) + '-' + digest  # names cached codes
+        self.classes, self.samples, self.key = list_images(root)
+        self.unreadable = set()  # reported once each, per process
+        self.first = {}  # label -> (index of its first image, count)
+        for i, (_, label) in enumerate(self.samples):
+            start, n = self.first.get(label, (i, 0))
+            self.first[label] = (start, n + 1)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        """-> uint8 (3, H, W), label. An unreadable image is reported and replaced by the next."""
-        for j in range(i, i + 20):
-            path, label = self.samples[j % len(self.samples)]
+        """-> uint8 (3, H, W), label. An unreadable image is reported once and replaced by the next
+        readable image of the same class, never by another class's."""
+        label = self.samples[i][1]
+        start, n = self.first[label]
+        for j in range(min(n, 20)):
+            path = self.samples[start + (i - start + j) % n][0]
             try:
                 arr = center_crop_arr(Image.open(path).convert('RGB'), self.size)
                 return torch.from_numpy(arr.copy()).permute(2, 0, 1), label
-            except Exception:
-                print(f'train.py: skipping unreadable image {path}', flush=True)
-        raise RuntimeError(f'train.py: --data-path {self.root}: 20 unreadable images in a row')
+            except Exception as e:
+                self.report(path, e)
+        raise RuntimeError(f'train.py: --data-path {self.root}: class {self.classes[label]}: '
+                           f'{min(n, 20)} unreadable images in a row; stopped')
+
+    def report(self, path, error):
+        if path not in self.unreadable:
+            self.unreadable.add(path)
+            print(f'train.py: skipping unreadable image {path} ({type(error).__name__}: '
+                  f'{error}); {len(self.unreadable)} so far', flush=True)
 
 
 def batches(dataset, local_bs, seed, rank, world, start_step, workers):
@@ -190,23 +230,29 @@ def batches(dataset, local_bs, seed, rank, world, start_step, workers):
 @torch.inference_mode()
 def extract_codes(tok, dataset, path, rank, world, device):
     """tok.encode of every image and of its flip, computed once (each rank encodes a shard, rank 0
-    joins them) and cached at path. -> a dataset of (codes, label), 2 entries per image."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        codes, labels = [], []
-        for x, y in DataLoader(Subset(dataset, range(rank, len(dataset), world)), 64):
-            x = x.to(device).float() / 127.5 - 1
-            pair = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (B, 2, ...)
-            codes.append(pair.cpu())
-            labels.append(y)
-        llamagen.save_checkpoint({'codes': torch.cat(codes), 'labels': torch.cat(labels)},
-                                 f'{path}.part{rank}')
-        barrier()
-        if rank == 0:
-            join_parts(path, len(dataset), world)
-        barrier()
+    joins them) and cached at path. -> a dataset of (codes, label), 2 entries per image. A second
+    run that needs the same codes waits for the first one's, then reuses them."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with cache_lock(path, rank):
+        if agree(not os.path.exists(path)):
+            encode_shards(tok, dataset, path, rank, world, device)
     data = llamagen.load_file(path)  # codes (N, 2, ...) -> (2N, ...): each image, then its flip
     return TensorDataset(data['codes'].flatten(0, 1), data['labels'].repeat_interleave(2))
+
+
+def encode_shards(tok, dataset, path, rank, world, device):  # rank r: images r, r + world, ...
+    codes, labels = [], []
+    for x, y in DataLoader(Subset(dataset, range(rank, len(dataset), world)), 64):
+        x = x.to(device).float() / 127.5 - 1
+        pair = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (B, 2, ...)
+        codes.append(pair.cpu())
+        labels.append(y)
+    llamagen.save_checkpoint({'codes': torch.cat(codes), 'labels': torch.cat(labels)},
+                             f'{path}.part{rank}')
+    barrier()
+    if rank == 0:
+        join_parts(path, len(dataset), world)
+    barrier()
 
 
 def join_parts(path, n, world):  # the ranks' shards (rank r: images r, r + world, ...) in order
@@ -228,21 +274,70 @@ def ddp(module, **kwargs):  # the module as DDP sees it, or itself on one proces
     return DDP(module, **kwargs) if dist.is_initialized() else module
 
 
+def agree(value):  # rank 0's value on every rank
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box)
+    return box[0]
+
+
+@contextmanager
+def cache_lock(path, rank):
+    """Rank 0 holds an exclusive lock (path + '.lock') while it builds a cache that runs share
+    (the default tokenizer, extracted codes): a second run waits, then reuses the result. The OS
+    releases the lock when its process dies, so a killed run never blocks the next one."""
+    if rank != 0 or fcntl is None:  # (no fcntl on Windows: no lock)
+        yield
+        return
+    with open(path + '.lock', 'w') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f'train.py: waiting for another run to finish {path}', flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 # --- one stage: run directory, model, optimizer, loop, checkpoint -------------------------------
 def open_run(args, stage, rank, resume):
-    """-> the run directory, rank 0's choice: RESULTS_DIR/NNN-METHOD-STAGE unless --run-dir, the
-    checkpoint's own when resuming. A run is never overwritten unless resumed."""
-    n_runs = len(os.listdir(args.results_dir)) if os.path.isdir(args.results_dir) else 0
-    run = [args.run_dir or os.path.join(args.results_dir, f'{n_runs:03d}-{args.method}-{stage}')]
-    if dist.is_initialized():
-        dist.broadcast_object_list(run)
-    ckpt_path = os.path.join(run[0], 'last.pt')
+    """-> the run directory, rank 0's choice: --run-dir, the checkpoint's own when resuming, or
+    the next free RESULTS_DIR/NNN-METHOD-STAGE. A run is never overwritten unless resumed."""
+    run = args.run_dir
+    if rank == 0 and run is None:
+        run = claim_run_dir(args.results_dir, f'{args.method}-{stage}')
+    run = agree(run)
+    ckpt_path = os.path.join(run, 'last.pt')
     if os.path.exists(ckpt_path) and resume is None:
         raise SystemExit(f'train.py: {ckpt_path} exists; pass --resume {ckpt_path} or another '
                          '--run-dir')
     if rank == 0:
-        os.makedirs(os.path.join(run[0], 'samples'), exist_ok=True)
-    return run[0]
+        os.makedirs(os.path.join(run, 'samples'), exist_ok=True)
+    if rank == 0 and resume:  # the steps logged after the checkpoint are run again: drop them
+        keep_log_until(os.path.join(run, 'log.jsonl'), resume['step'])
+    return run
+
+
+def claim_run_dir(results_dir, name):
+    """RESULTS_DIR/NNN-NAME for the first free NNN, claimed by os.mkdir, which fails for all but
+    one of the runs that try the same folder at once."""
+    os.makedirs(results_dir, exist_ok=True)
+    n = len(os.listdir(results_dir))
+    while True:
+        path = os.path.join(results_dir, f'{n:03d}-{name}')
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def keep_log_until(path, step):  # rewrite log.jsonl without the records after step
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [line for line in f if json.loads(line)['step'] <= step]
+    with open(path, 'w') as f:
+        f.writelines(records)
 
 
 def config_from(cls, args, size, derived=None):
@@ -512,10 +607,20 @@ def default_tokenizer(args, module, data, rank, world, device):
     name = f'{module.Tokenizer.__name__}-{data.key}-{args.image_size}px-{key}'
     targs.run_dir = os.path.join(args.results_dir, 'tokenizers', name)
     path = os.path.join(targs.run_dir, 'last.pt')
-    if not os.path.exists(path):
-        if rank == 0:
+    os.makedirs(os.path.dirname(targs.run_dir), exist_ok=True)
+    with cache_lock(targs.run_dir, rank):
+        step = agree(llamagen.load_file(path)['step'] if os.path.exists(path) else None)
+        total = total_steps(targs, data, 1)
+        if step is None and rank == 0:
             print(f'no --tokenizer given: training the default tokenizer first, cached at {path}')
-        train_tokenizer(targs, module, data, rank, world, device)
+        if step is not None and step < total:  # an interrupted training: not a tokenizer yet
+            if rank == 0:
+                print(f'the cached default tokenizer {path} stopped at step {step} of {total}: '
+                      'resuming it')
+            targs.resume = path
+        if step is None or step < total:
+            resume = llamagen.load_file(path) if targs.resume else None
+            train_tokenizer(targs, module, data, rank, world, device, resume)
     return path
 
 
@@ -528,7 +633,16 @@ def parse_bool(s):
     return s.lower() in ('1', 'true', 'yes')
 
 
+# flags a resumed run may change; every other flag is the run's own
+RESUME_OVERRIDES = ('max_steps', 'epochs', 'log_every', 'sample_every', 'ckpt_every', 'num_workers',
+                    'cfg_scale', 'results_dir')
+POSITIVE = ('num_images', 'image_size', 'global_batch_size', 'log_every', 'sample_every',
+            'ckpt_every', 'max_steps', 'epochs')  # flags that must be > 0 when given
+
+
 def parse_args(argv=None):
+    """-> (args, the method's module, the checkpoint of --resume or None). Every flag is checked
+    here, before any work. A resumed run takes its own arguments from its checkpoint."""
     p = argparse.ArgumentParser(description=__doc__, add_help=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--method', choices=METHODS, default='llamagen')
@@ -539,7 +653,8 @@ def parse_args(argv=None):
     p.add_argument('--tokenizer', help='tokenizer checkpoint, ours or official '
                                        '(default: train one, cache it)')
     p.add_argument('--run-dir', help='default: RESULTS_DIR/NNN-METHOD-STAGE')
-    p.add_argument('--resume', help='RUN/last.pt: continue that run exactly')
+    p.add_argument('--resume', help='RUN/last.pt: continue that run exactly, with its own flags '
+                                    '(only ' + ', '.join(RESUME_OVERRIDES) + ' may change)')
     p.add_argument('--lr-schedule', choices=('constant', 'cosine'),
                    help='default: constant (MAR classroom: cosine)')
     for name, kind in (('epochs', int), ('max-steps', int), ('global-batch-size', int),
@@ -564,7 +679,16 @@ def parse_args(argv=None):
     p.add_argument('--log-every', type=int, default=100)
     p.add_argument('--sample-every', type=int, default=1000)
     p.add_argument('--ckpt-every', type=int, default=1000)
-    module = importlib.import_module(p.parse_known_args(argv)[0].method)
+    known = p.parse_known_args(argv)[0]
+    resume = None
+    method = known.method
+    if known.resume:  # the run's method and stage decide which flags exist
+        resume = llamagen.load_file(known.resume)
+        if 'stage' not in resume:
+            raise SystemExit(f'train.py: --resume {known.resume}: an official checkpoint, not a '
+                             'run of train.py')
+        method = resume['method']
+    module = importlib.import_module(method)
     config_fields = {f.name: f for f in fields(module.TokenizerConfig) + fields(module.Config)}
     for name, f in config_fields.items():  # config fields -> --flags (the generator's win a clash)
         if f.name in {a.dest for a in p._actions}:
@@ -575,39 +699,92 @@ def parse_args(argv=None):
                        help=f'config (default {f.default})')
     p.add_argument('-h', '--help', action='help')
     args = p.parse_args(argv)
-    defaults = {**STAGE_DEFAULTS[args.stage], **module.CLASSROOM.get(args.stage, {})}
-    for name, value in defaults.items():  # what is not given: the classroom run's
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    sizes = module.SIZES if args.stage == 'generator' else module.TOKENIZER_SIZES
-    args.model = args.model or tiny_size(sizes)
-    return args, module
+    if resume:
+        args = resumed_args(args, given_flags(p, argv), resume)
+    else:
+        defaults = {**STAGE_DEFAULTS[args.stage], **module.CLASSROOM.get(args.stage, {})}
+        for name, value in defaults.items():  # what is not given: the classroom run's
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        sizes = module.SIZES if args.stage == 'generator' else module.TOKENIZER_SIZES
+        args.model = args.model or tiny_size(sizes)
+        if args.model not in sizes:
+            raise SystemExit(f'train.py: --model {args.model}: not a size of {method} '
+                             f'({args.stage}): {", ".join(sizes)}')
+        if args.tokenizer and not os.path.isfile(args.tokenizer):
+            raise SystemExit(f'train.py: --tokenizer {args.tokenizer}: no such file')
+        if args.data_path:  # a resumed run finds its data from any working directory
+            args.data_path = os.path.abspath(args.data_path)
+    check_args(args)
+    return args, module, resume
+
+
+def given_flags(p, argv):
+    """The flags given on the command line, {dest: value}: the parser again, with no defaults."""
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def resumed_args(args, given, resume):
+    """The run's own arguments from its checkpoint. A flag given now may change only what
+    RESUME_OVERRIDES names (each change is printed); any other difference is refused."""
+    path = args.resume
+    saved = resume['args']
+    changed = {k: v for k, v in given.items()
+               if k not in ('resume', 'run_dir') and v != saved.get(k)}
+    refused = sorted(set(changed) - set(RESUME_OVERRIDES))
+    if refused:
+        flag = '--' + refused[0].replace('_', '-')
+        was = saved.get(refused[0])
+        raise SystemExit(f'train.py: --resume {path}: {flag} {changed[refused[0]]} differs from '
+                         f'the run\'s {"default" if was is None else was}; a resumed run keeps '
+                         f'its flags (it may change {", ".join(RESUME_OVERRIDES)})')
+    for k, v in changed.items():
+        print(f'--resume: {k} {saved.get(k)} -> {v}')
+    run_dir = os.path.dirname(os.path.abspath(path))  # 'last.pt' from inside the run, DIR//last.pt
+    return argparse.Namespace(**{**saved, **changed, 'resume': path, 'run_dir': run_dir})
+
+
+def check_args(args):
+    """One line for a flag no run can use, before any work."""
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            flag = '--' + name.replace('_', '-')
+            raise SystemExit(f'train.py: {flag} {value}: must be positive')
+    for name in ('lr', 'end_lr', 'weight_decay', 'ema', 'warmup_steps', 'disc_start'):
+        if getattr(args, name) < 0:
+            flag = '--' + name.replace('_', '-')
+            raise SystemExit(f'train.py: {flag} {getattr(args, name)}: must not be negative')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.global_batch_size % world:
+        raise SystemExit(f'train.py: --global-batch-size {args.global_batch_size} is not '
+                         f'divisible by the {world} processes')
+    if not args.data_path and not 16 <= args.image_size <= 256:
+        raise SystemExit(f'train.py: --image-size {args.image_size}: the built-in dataset '
+                         'renders 16 to 256 pixels')
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise SystemExit(f'train.py: --data-path {args.data_path}: not a directory')
 
 
 def main(argv=None):
-    args, module = parse_args(argv)
+    args, module, resume = parse_args(argv)
     rank, world, device = llamagen.setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    resume = None
-    if args.resume:  # continue in the run's own directory (and with its own tokenizer)
-        resume = llamagen.load_file(args.resume)
-        llamagen.check_run(resume, args.resume, args.method, args.stage)
-        args.run_dir = args.run_dir or os.path.dirname(args.resume)
     # data
     if args.data_path:
         data = ImageFolder(args.data_path, args.image_size)
-    elif 16 <= args.image_size <= 256:
-        data = builtin_dataset(args.num_images, args.image_size, args.seed)
     else:
-        raise SystemExit(f'train.py: --image-size {args.image_size}: the built-in dataset '
-                         'renders 16 to 256 pixels')
+        data = builtin_dataset(args.num_images, args.image_size, args.seed)
     if args.stage == 'tokenizer':
         train_tokenizer(args, module, data, rank, world, device, resume)
     else:
-        if resume and not args.tokenizer:
-            args.tokenizer = llamagen.run_tokenizer(resume, args.resume)
-        path = args.tokenizer or default_tokenizer(args, module, data, rank, world, device)
+        path = args.tokenizer
+        if resume:  # the run's own tokenizer
+            path = llamagen.run_tokenizer(resume, args.resume)
+        path = path or default_tokenizer(args, module, data, rank, world, device)
         tok = llamagen.load_tokenizer(module, path).to(device).eval().requires_grad_(False)
         if args.image_size % tok.stride:
             raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the '

@@ -404,6 +404,11 @@ class KLConfig(VQConfig):
     kl_weight: float = 1e-6  # LDM kl-f16's weight, relative to the reconstruction loss per value
     # latents * this: std ~1 (kl16: 1/std on ImageNet; ours: set by calibrate)
     scale_factor: float = 0.2325
+    # LDM's attention rule, official names (LlamaGen's, attention at the last level, agrees only
+    # on 5 levels): an encoder level gets attention when its nominal resolution, `resolution`
+    # halved once per level before it, is in attn_resolutions, whatever the input size
+    attn_resolutions: tuple = (16,)
+    resolution: int = 256
 
 
 KL_SIZES = {
@@ -418,8 +423,17 @@ class KLModel(nn.Module):  # a diagonal Gaussian per position instead of a code 
         self.cfg = cfg
         self.stride = 2 ** (len(cfg.encoder_ch_mult) - 1)
         self.encoder = Encoder(replace(cfg, z_channels=2 * cfg.z_channels))
+        # LDM's rule (KLConfig) over the encoder LlamaGen's built: only the levels where the two
+        # differ are rebuilt, so kl16 (they agree) keeps its initialisation's random draws
+        for i, level in enumerate(self.encoder.conv_blocks):
+            nominal = cfg.resolution // 2 ** i
+            n_attn = cfg.num_res_blocks if nominal in cfg.attn_resolutions else 0
+            if len(level.attn) != n_attn:
+                width = level.res[-1].conv2.out_channels
+                level.attn = nn.ModuleList(AttnBlock(width) for _ in range(n_attn))
         self.decoder = Decoder(cfg)
-        for level in self.decoder.conv_blocks:  # kl16: attention in the middle block only
+        # AutoencoderKL leaves its Decoder's attn_resolutions at (): attention in the middle only
+        for level in self.decoder.conv_blocks:
             level.attn = nn.ModuleList()
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)

@@ -2,8 +2,9 @@
 loader), the method contract (forward -> (z, loss), derive_config, param_groups, PAPER), the
 truncated-normal mask ratio and ceil(L r) masked tokens per row, the cosine schedule of tokens
 per step, reproducible generation from a torch.Generator, CFG at scale 1 = the unguided path, the
-KL tokenizer's shapes, scale factor and KL term, the classroom defaults (cosine LR, embedding init)
-and a tiny train + sample run on the built-in dataset."""
+KL tokenizer's shapes, scale factor, KL term and attention placement (LDM's rule; VQ's keeps
+LlamaGen's), the classroom defaults (cosine LR, embedding init) and a tiny train + sample run on
+the built-in dataset."""
 import math
 import os
 
@@ -105,6 +106,56 @@ def test_kl_tokenizer_shapes_scale_and_kl():
     tok.calibrate(x)  # once, when training ends: 1 / std of the latents (saved with the config)
     std = tok.posterior(tok.encode(x)).std().item()
     assert cfg.scale_factor != 0.2325 and 1 / cfg.scale_factor == pytest.approx(std, rel=0.1)
+
+
+def official_attn_levels(ch_mult, attn_resolutions, resolution):
+    """The encoder levels LTH14/mar's models/vae.py gives attention: Encoder's curr_res starts at
+    resolution and halves after every level but the last; a level whose curr_res is in
+    attn_resolutions gets one AttnBlock per ResnetBlock. AutoencoderKL's Decoder keeps its
+    attn_resolutions=(): attention in the middle block only."""
+    levels = []
+    curr_res = resolution
+    for i_level in range(len(ch_mult)):
+        if curr_res in attn_resolutions:
+            levels.append(i_level)
+        if i_level != len(ch_mult) - 1:
+            curr_res = curr_res // 2
+    return levels
+
+
+@pytest.mark.parametrize('ch_mult, attn_resolutions, resolution, want', [
+    ((1, 1, 2), (16,), 256, []),  # KL-tiny: 256, 128, 64 (LlamaGen's rule: level 2)
+    ((1, 2, 2, 4), (16,), 256, []),  # 256 .. 32
+    ((1, 1, 2, 2, 4), (16,), 256, [4]),  # kl16: the two rules agree
+    ((1, 1, 1, 2, 2, 4), (16,), 256, [4]),  # 256 .. 8: not the last level
+    ((1, 1, 2), (16,), 32, [1]),
+    ((1, 1, 2, 2), (64, 32), 256, [2, 3]),
+])
+def test_kl_attention_follows_the_official_rule(ch_mult, attn_resolutions, resolution, want):
+    assert official_attn_levels(ch_mult, attn_resolutions, resolution) == want
+    cfg = vq.KLConfig(**{**vq.KL_SIZES['KL-tiny'], 'encoder_ch_mult': ch_mult,
+                         'decoder_ch_mult': ch_mult, 'attn_resolutions': attn_resolutions,
+                         'resolution': resolution})
+    torch.manual_seed(0)
+    tok = vq.KLModel(cfg)
+    sd = tok.state_dict()
+    attn = sorted({k.split('.attn.')[0] for k in sd if '.attn.' in k})
+    assert attn == [f'encoder.conv_blocks.{i}' for i in want]  # none in the decoder's levels
+    for i in want:  # one block per ResnetBlock, at the level's width
+        assert len(tok.encoder.conv_blocks[i].attn) == cfg.num_res_blocks
+        assert sd[f'encoder.conv_blocks.{i}.attn.0.q.weight'].shape[0] == cfg.ch * ch_mult[i]
+    assert 'encoder.mid.1.q.weight' in sd and 'decoder.mid.1.q.weight' in sd
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert tok(x)[0].shape == x.shape
+    # the rule is in the config's repr, which keys train.py's cache of the default tokenizer
+    assert f'attn_resolutions={attn_resolutions}, resolution={resolution}' in repr(cfg)
+
+
+def test_vq_attention_stays_at_the_last_level():  # LlamaGen's rule, unlike KLModel's
+    with torch.device('meta'):
+        tok = vq.VQModel(vq.VQConfig(**vq.VQ_SIZES['VQ-tiny']))
+    attn = sorted({k.split('.attn.')[0] for k in tok.state_dict() if '.attn.' in k})
+    assert attn == ['decoder.conv_blocks.0', 'encoder.conv_blocks.2']
 
 
 def test_the_method_contract():
@@ -252,7 +303,7 @@ def test_attention_is_timms_formula():  # softmax(q k^T / sqrt(D)) v over every 
 
 
 def test_classroom_run_decays_the_lr_and_scales_the_embeddings():
-    args, _ = train.parse_args(['--method', 'mar'])  # mar.CLASSROOM over the stage defaults
+    args, _, _ = train.parse_args(['--method', 'mar'])  # mar.CLASSROOM over the stage defaults
     assert (args.max_steps, args.lr_schedule, args.lr) == (4000, 'cosine', 1e-3)
     constant = train.parse_args(['--method', 'mar', '--lr-schedule', 'constant'])[0]
     assert constant.lr_schedule == 'constant'  # flags over both

@@ -128,7 +128,7 @@ def test_image_folder_skips_unreadable_images(tok, tmp_path, capsys):
     (['--data-path', 'missing-dir'], 'not a directory'),
     (['--data-path', '{empty}'], 'no images'),
     (['--image-size', '18'], 'not divisible by the tokenizer stride 4'),
-    (['--resume', '{tok}'], 'a llamagen tokenizer checkpoint, not a llamagen generator one'),
+    (['--resume', '{tok}'], "--dim 32 differs from the run's default"),
     (['--vocab-size', '64'], '--vocab-size is fixed by the tokenizer and the data'),
 ])
 def test_bad_input_gives_one_clear_line(tok, tmp_path, extra, message):
