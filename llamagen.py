@@ -35,9 +35,12 @@ Train: torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B --da
 Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook.
 """
 import argparse
+import errno
 import hashlib
 import math
 import os
+import re
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -413,26 +416,90 @@ def save_grid(x, path, nrow):
 
 
 def save_checkpoint(obj, path):
-    """Plain dicts, loadable with weights_only=True, written atomically: a crash mid-write never
-    leaves a broken file."""
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    """Plain dicts, loadable with weights_only=True, written atomically (atomic_write): a crash,
+    a full disk or a second writer of the same path never leaves a broken file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file of its own beside path, then rename it onto path: readers
+    see the old file or the new one, whole. Each writer has its own temporary file (two runs or
+    ranks writing the same path do not write into one file), removed on any failure. A full disk
+    stops with one line; path keeps what it had."""
+    try:
+        write_and_replace(path, write)
+    except (OSError, RuntimeError) as e:  # torch's zip writer wraps the OSError in a RuntimeError
+        if not disk_full(e):
+            raise
+        raise SystemExit(f'{path}: disk full while writing; nothing was written') from None
+
+
+def write_and_replace(path, write):  # atomic_write's work, less the disk-full line
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:  # a file object: a write error keeps its errno
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0o600; a checkpoint is shared as usual
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C and SystemExit too: no temporary file is left behind
+        os.remove(tmp)
+        raise
+
+
+def umask():
+    mask = os.umask(0o22)  # os has no getter: set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def disk_full(e):
+    """Whether e, or an exception it was raised from or during, is an OSError ENOSPC."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def load_file(path):
     """A checkpoint file as a dict, with weights_only=True. Official files pickle an argparse
-    Namespace: that one class is allow-listed, nothing else runs."""
+    Namespace: that one class is allow-listed, nothing else runs. A file that cannot be read
+    stops with one line naming it and why (load_error)."""
     if not os.path.isfile(path):
         raise SystemExit(f'{path}: no such checkpoint')
+    if os.path.getsize(path) == 0:  # torch.load: an EOFError with no message
+        raise SystemExit(f'{path}: empty file (0 bytes), not a checkpoint')
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # e.g. an UnpicklingError naming a refused global
-        first = str(e).splitlines()[0]
-        raise SystemExit(f'{path}: refusing to load (weights_only=True): {first}') from None
+    except Exception as e:
+        raise SystemExit(load_error(path, e)) from None
     if not isinstance(ckpt, dict):  # weights_only lets plain tensors and lists through
         raise SystemExit(f'{path}: not a checkpoint (a {type(ckpt).__name__}, not a dict)')
     return ckpt
+
+
+def load_error(path, e):
+    """The one line for torch.load's exception e. torch's own message runs to many lines and
+    advises weights_only=False, which would run whatever the file pickles: it is never repeated.
+    A refused class is named from it ('... Unsupported global: GLOBAL __main__.Evil was not an
+    allowed global ...'); anything else is a file that is not a whole checkpoint."""
+    text = str(e)
+    refused = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+    if refused:
+        return (f'{path}: refusing to load: it pickles {refused[1]}, which weights_only=True '
+                'does not allow')
+    # the weights-only unpickler's own words (e.g. 'Unsupported operand 110' for bytes that are
+    # no pickle), else torch's first sentence ('PytorchStreamReader failed reading zip archive:
+    # failed finding central directory. This is an internal miniz error. ...')
+    unpickler = re.search(r'WeightsUnpickler error:\s*(.+)', text)
+    lines = text.strip().splitlines() or ['']
+    detail = unpickler[1] if unpickler else lines[0].split('. ')[0].rstrip('.')
+    detail = f'{type(e).__name__}: {detail}' if detail else type(e).__name__
+    return f'{path}: not a readable checkpoint ({detail.strip()})'
 
 
 def check_run(ckpt, path, method, stage):
@@ -476,7 +543,12 @@ def load_tokenizer(module, path, size=None):
         raise SystemExit(f'{path}: a {ckpt["kind"]} tokenizer; --method {module.__name__} needs a '
                          f'{module.Tokenizer.__name__}')
     tok = module.Tokenizer(module.TokenizerConfig(**ckpt['config']))
-    tok.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    try:
+        tok.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    except RuntimeError as e:  # e.g. a KL tokenizer saved before its attention followed kl16's rule
+        detail = str(e).splitlines()[1].strip()[:160]
+        raise SystemExit(f'{path}: its weights do not fit the {module.Tokenizer.__name__} of its '
+                         f'config: {detail}') from None
     return tok
 
 

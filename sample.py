@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 
 import llamagen
 
@@ -83,24 +84,77 @@ def synchronize(device):
 
 
 def write_npz(model, tok, args, generator, rank, world, device):
-    """--num-samples class-balanced samples, sample i on rank i % world, joined by rank 0."""
+    """--num-samples class-balanced samples, sample i on rank i % world, joined by rank 0. Each
+    file is written whole or not at all (llamagen.atomic_write): an interrupted run leaves the
+    last samples.npz as it was, never a truncated one."""
     n_cls = model.cfg.num_classes
+    out = npz_path(args.out)
     per_rank = math.ceil(args.num_samples / (world * args.batch_size)) * args.batch_size
     labels = (torch.arange(per_rank * world) % n_cls)[rank::world]
     imgs = []
     for i in range(0, per_rank, args.batch_size):
         batch = labels[i:i + args.batch_size].to(device)
         imgs.append(llamagen.to_uint8(sample(model, tok, batch, args, generator)).numpy())
-    np.save(f'{args.out}.part{rank}.npy', np.concatenate(imgs))
+    mine = np.concatenate(imgs)  # (per_rank, H, W, 3) uint8
+    llamagen.atomic_write(f'{out}.part{rank}.npy', lambda f: np.save(f, mine))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:  # interleave the parts back into sample order, keep the first N
-        parts = [np.load(f'{args.out}.part{r}.npy') for r in range(world)]
+        parts = [np.load(f'{out}.part{r}.npy') for r in range(world)]
         arr = np.stack(parts, 1).reshape(-1, *parts[0].shape[1:])[:args.num_samples]
-        np.savez(args.out, arr_0=arr, arr_1=np.arange(len(arr)) % n_cls)
+        classes = np.arange(len(arr)) % n_cls  # (N,) the label of each sample
+        llamagen.atomic_write(out, lambda f: np.savez(f, arr_0=arr, arr_1=classes))
         for r in range(world):
-            os.remove(f'{args.out}.part{r}.npy')
-        print(f'wrote {args.out}: arr_0 {arr.shape} {arr.dtype}, {n_cls} classes')
+            os.remove(f'{out}.part{r}.npy')
+        print(f'wrote {out}: arr_0 {arr.shape} {arr.dtype}, {n_cls} classes')
+
+
+def npz_path(out):
+    """--out as np.savez names a path: with .npz appended unless it ends so."""
+    return out if out.endswith('.npz') else out + '.npz'
+
+
+def check_flags(p, args):
+    """Stop (argparse's usage and one line) on a flag no run could use, before any work."""
+    positive = {'--batch-size': args.batch_size, '--per-class': args.per_class,
+                '--image-size': args.image_size, '--num-classes': args.num_classes,
+                '--image-size-eval': args.image_size_eval}
+    for flag, value in positive.items():
+        if value is not None and value <= 0:
+            p.error(f'{flag} must be positive, not {value}')
+    if args.num_samples < 0:
+        p.error(f'--num-samples must be 0 or more, not {args.num_samples}')
+
+
+def check_outputs(args):
+    """Stop with one line unless every file this run will write can be written: found out
+    before the sampling (hours at 50,000 samples), not after it."""
+    outputs = []
+    if args.grid:
+        outputs.append(('--grid', args.grid))
+        ext = os.path.splitext(args.grid)[1].lower()
+        if ext not in Image.registered_extensions():  # PIL picks the format by the extension
+            raise SystemExit(f"--grid {args.grid}: unknown image format '{ext}' (use .png)")
+    if args.num_samples:
+        outputs.append(('--out', npz_path(args.out)))
+    for flag, path in outputs:
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise SystemExit(f'{flag} {path}: is a directory')
+        if not os.path.exists(folder):
+            raise SystemExit(f'{flag} {path}: the directory {folder} does not exist')
+        if not os.path.isdir(folder):
+            raise SystemExit(f'{flag} {path}: {folder} is not a directory')
+        if not os.access(folder, os.W_OK | os.X_OK):  # the file is made there, then renamed
+            raise SystemExit(f'{flag} {path}: the directory {folder} is not writable')
+
+
+def check_classes(args, num_classes):
+    """--classes against the loaded model: class num_classes is CFG's null class, not a class."""
+    for c in args.classes or ():
+        if not 0 <= c < num_classes:
+            raise SystemExit(f'--classes {c}: out of range, the model has classes 0 to '
+                             f'{num_classes - 1}')
 
 
 def parse_bool(s):
@@ -145,6 +199,8 @@ def parse_args(argv=None):
         p.error('--official needs --method, --model, --gpt-ckpt and --vq-ckpt')
     if not known.official and not known.ckpt:
         p.error('give --ckpt RUN/last.pt, or --official with the official files')
+    check_flags(p, known)
+    check_outputs(known)
     ckpt = None
     if not known.official:
         ckpt = llamagen.load_file(known.ckpt)
@@ -166,6 +222,7 @@ def main(argv=None):
     rank, world, device = llamagen.setup_ddp()
     args.precision = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     model, tok = load(args, ckpt)
+    check_classes(args, model.cfg.num_classes)
     model = model.to(device).eval()
     tok = tok.to(device).eval()
     generator = torch.Generator(device).manual_seed(args.seed * world + rank)
