@@ -24,6 +24,19 @@ REF's features are cached in --cache-dir (float64 mu, sigma, mu_s, sigma_s: the 
 pytorch-fid read; float32 pool3 for P/R), keyed by path, size and mtime (folders: every file;
 builtin: the pixels), preprocessing and weights.
 
+Small and broken inputs. FID and sFID need at least 2 images per set (a covariance of 1 image
+divides by zero): a set of fewer is refused before anything is computed. Precision and recall take
+the k-th (k = 3) nearest other image of each, so they need k + 1 = 4 images per set: with 2 or 3
+the other metrics are computed and precision/recall are n/a (null in --json), said on stderr.
+Stored statistics must be finite, mu with its sigma, of the network's sizes (mu (2048,), sigma
+(2048, 2048); mu_s (2023,), sigma_s (2023, 2023); pool3 (N, 2048)). Any problem (a missing, corrupt
+or truncated file, an unreadable image, mixed sizes in a folder, arr_0 not uint8 (N, H, W, 3), for
+--class-accuracy arr_1 missing or not labels of the 10 built-in classes) stops with one line on
+stderr naming the file, exit code 1, no traceback; before anything is computed, except damage that
+only decoding shows (an image or arr_0 cut short). --json is standard JSON (n/a: null), written to
+a temporary file in its folder and renamed into place: an error leaves no partial file and an
+older one intact.
+
 Class accuracy needs no download: a small CNN, trained on built-in images drawn with another seed
 than the training set (cached as OUT/classifier.pt), classifies the samples (sample.py --out: arr_0
 images, arr_1 labels); the score is the fraction classified as the class they were asked for. On
@@ -48,6 +61,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import scipy.linalg
@@ -64,6 +78,13 @@ WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
 METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')  # the results table's rows, in order
+PR_K = 3  # precision/recall: the k of the k-NN balls, as ADM; they need PR_K + 1 images per set
+# the statistics an .npz may store and their shapes (pool3: (N, 2048)), those of FIDInception
+STAT_SHAPES = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
+# what reading a truncated or corrupt .npz raises (zipfile: BadZipFile for a bad CRC or directory)
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+# what opening or decoding a broken image raises (PIL's UnidentifiedImageError is an OSError)
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
 # --- the FID Inception-v3: torchvision's inception_v3 layout, the 2015 graph's changes marked ---
@@ -356,56 +377,123 @@ def preprocess(x, mode='adm'):
 
 
 # --- inputs, features and their cache ------------------------------------------------------------
+def first_line(e):
+    """An exception's message as one line (its first), for the one-line error exits."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_count(spec, n):
+    """Refuse an image set too small for any statistic, before anything is read or computed."""
+    if n < 2:
+        raise ValueError(f'{spec}: {n} image(s); FID needs at least 2 per set (the covariance of '
+                         'one image divides by zero)')
+
+
 def read_builtin(spec, batch_size):
     """builtin[:N[:SIZE[:SEED]]] -> (N, batches uint8 (B, SIZE, SIZE, 3), key of the pixels)."""
     import train  # here: only this input needs the training code (the built-in dataset)
+    if not re.fullmatch(r'builtin(:\d+){0,3}', spec):
+        raise ValueError(f'{spec}: not builtin[:N[:SIZE[:SEED]]] with whole numbers')
     fields = [int(v) for v in spec.split(':')[1:]]
     n, size, seed = fields + [1000, 32, 0][len(fields):]
+    check_count(spec, n)
+    if size < 1:
+        raise ValueError(f'{spec}: SIZE must be at least 1')
     imgs, _ = train.builtin_images(n, size, seed)
     key = hashlib.sha1(imgs.tobytes()).hexdigest()  # the pixels: a new renderer invalidates
     batches = (imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size))
     return len(imgs), batches, key
 
 
+def image_size(file):
+    """(W, H) of an image file, from its header only."""
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except IMAGE_ERRORS as e:
+        raise ValueError(f'{file}: not a readable image ({first_line(e)})') from None
+
+
+def read_image(file):
+    """An image file decoded as uint8 (H, W, 3); a file cut short fails only here, not in its
+    header."""
+    try:
+        with Image.open(file) as im:
+            return np.asarray(im.convert('RGB'))
+    except IMAGE_ERRORS as e:
+        raise ValueError(f'{file}: not a readable image ({first_line(e)})') from None
+
+
 def folder_batches(files, batch_size):
     """The images of files (each (H, W, 3) after RGB conversion) as uint8 (B, H, W, 3) batches."""
     for i in range(0, len(files), batch_size):
-        yield np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files[i:i + batch_size]])
+        yield np.stack([read_image(f) for f in files[i:i + batch_size]])
 
 
 def read_folder(path, batch_size):
-    """Every image under path, sorted -> (N, batches uint8 (B, H, W, 3), key of the files)."""
+    """Every image under path, sorted -> (N, batches uint8 (B, H, W, 3), key of the files). Every
+    header is read first (well under 1 ms an image), so that a file that is not an image, or a
+    second size, stops the run before anything is computed."""
     files = []
     for root, _, names in os.walk(path):
         files += [os.path.join(root, f) for f in names if f.lower().endswith(IMAGE_EXTS)]
     files.sort()
     if not files:
         raise ValueError(f'{path}: no images found')
+    check_count(path, len(files))
+    first = image_size(files[0])
+    for f in files[1:]:
+        size = image_size(f)
+        if size != first:
+            raise ValueError(f'{path}: images of different sizes ({files[0]} is '
+                             f'{first[0]}x{first[1]}, {f} is {size[0]}x{size[1]}); a folder '
+                             'holds one size')
     key = ''.join(f'{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns};' for f in files)
     return len(files), folder_batches(files, batch_size), key
 
 
-def npz_batches(z, f, shape, batch_size):
-    """arr_0 (N, H, W, 3), read from the open member f of zip z, as uint8 (B, H, W, 3) batches."""
+def npz_batches(path, z, f, shape, batch_size):
+    """arr_0 (N, H, W, 3), read from the open member f of zip z (the file path), as uint8
+    (B, H, W, 3) batches. zipfile checks the CRC when the member's end is read."""
     with z, f:
         for i in range(0, shape[0], batch_size):
             k = min(batch_size, shape[0] - i)
-            yield np.frombuffer(f.read(k * math.prod(shape[1:])), np.uint8).reshape(k, *shape[1:])
+            size = k * math.prod(shape[1:])
+            try:
+                data = f.read(size)
+            except NPZ_ERRORS as e:
+                raise ValueError(f'{path}: arr_0 is corrupt ({first_line(e)})') from None
+            if len(data) != size:
+                raise ValueError(f'{path}: arr_0 is cut short (in images {i}..{i + k - 1} of '
+                                 f'{shape[0]})')
+            yield np.frombuffer(data, np.uint8).reshape(k, *shape[1:])
+
+
+def arr_0_header(path, f):
+    """(shape, fortran order, dtype) from the .npy header of the open member f."""
+    try:
+        version = np.lib.format.read_magic(f)
+        return getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
+    except NPZ_ERRORS as e:
+        raise ValueError(f'{path}: arr_0 is corrupt ({first_line(e)})') from None
 
 
 def read_npz(path, batch_size):
     """arr_0 of an .npz -> (N, batches uint8 (B, H, W, 3), key of the file). Streamed out of the
     zip batch by batch (50k samples at 256^2 are 10 GB), as ADM's evaluator does."""
     st = os.stat(path)
-    z = zipfile.ZipFile(path)
-    f = z.open('arr_0.npy')
-    version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = getattr(np.lib.format, f'read_array_header_{version[0]}_0')(f)
-    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+    try:
+        z = zipfile.ZipFile(path)
+        f = z.open('arr_0.npy')
+    except NPZ_ERRORS as e:
+        raise ValueError(f'{path}: not a readable .npz ({first_line(e)})') from None
+    shape, fortran, dtype = arr_0_header(path, f)
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3 or 0 in shape[1:]:
         raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) in C order, '
                          f'not {dtype} {shape}')
+    check_count(path, shape[0])
     key = f'{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}'
-    return shape[0], npz_batches(z, f, shape, batch_size), key
+    return shape[0], npz_batches(path, z, f, shape, batch_size), key
 
 
 def read_images(spec, batch_size):
@@ -442,12 +530,45 @@ def compute_features(net, batches, n, mode='adm', desc=None):
     return out
 
 
+def load_npz(path, names):
+    """({name: array} of those of names that the .npz at path holds, the names it holds); a
+    ValueError naming the file when it is missing, not a zip (a file cut short loses the zip's
+    directory at its end) or corrupt."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{path}: no such file')
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f'{path}: not an .npz (no zip directory: cut short, or another format)')
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in names if k in f}
+            held = set(f.files)
+    except NPZ_ERRORS as e:  # a bad CRC, a pickled (object) array, a damaged header
+        raise ValueError(f'{path}: corrupt .npz ({first_line(e)})') from None
+    return arrays, held
+
+
+def check_stats(spec, stats):
+    """Stop (a ValueError naming spec) unless every statistic of stats ({mu, sigma, mu_s, sigma_s,
+    pool3}, those present) is a finite numeric array of its shape, each mu with its sigma."""
+    for mu, sigma in ('mu', 'sigma'), ('mu_s', 'sigma_s'):
+        if (mu in stats) != (sigma in stats):
+            have, lack = (mu, sigma) if mu in stats else (sigma, mu)
+            raise ValueError(f'{spec}: {have} without {lack} (FID needs both)')
+    for k, v in stats.items():
+        shape = STAT_SHAPES.get(k) or v.shape[:1] + (2048,)  # pool3: (N, 2048)
+        if v.dtype.kind not in 'fiu' or v.shape != shape:
+            raise ValueError(f'{spec}: {k} must be a numeric {shape} array, not {v.dtype} '
+                             f'{v.shape}')
+        if not np.isfinite(v).all():
+            raise ValueError(f'{spec}: {k} has non-finite values (NaN or inf)')
+
+
 def stored_stats(path):
-    """The statistics an .npz holds ({mu, sigma, mu_s, sigma_s, pool3}, those present), and whether
-    it has images (arr_0)."""
-    with np.load(path) as f:
-        stored = {k: f[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'pool3') if k in f}
-        has_images = 'arr_0' in f
+    """The statistics an .npz holds ({mu, sigma, mu_s, sigma_s, pool3}, those present, checked),
+    and whether it has images (arr_0)."""
+    stored, held = load_npz(path, ('mu', 'sigma', 'mu_s', 'sigma_s', 'pool3'))
+    check_stats(path, stored)
+    has_images = 'arr_0' in held
     if not has_images and 'mu' not in stored:
         raise ValueError(f'{path}: neither arr_0 (images) nor mu/sigma (statistics) in this .npz')
     return stored, has_images
@@ -456,29 +577,57 @@ def stored_stats(path):
 def write_cache(path, feats):
     """Save a features() dict to path atomically: an interrupted run leaves no half-written file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + '.tmp.npz', **feats)
-    os.replace(path + '.tmp.npz', path)
+    try:
+        np.savez(path + '.tmp.npz', **feats)
+        os.replace(path + '.tmp.npz', path)
+    except BaseException:  # a full disk, ^C: no temporary file left behind
+        if os.path.exists(path + '.tmp.npz'):
+            os.remove(path + '.tmp.npz')
+        raise
+
+
+def open_input(spec, batch_size=50):
+    """An input checked, nothing computed: {spec, stored: its statistics, n: its image count
+    (None without images), batches, key}. Errors (one line, naming the file) come here, but those
+    of pixels only decoding shows (an image or arr_0 cut short)."""
+    inp = dict(spec=spec, stored={}, n=None, batches=None, key=None)
+    is_source = spec.split(':')[0] == 'builtin' or os.path.isdir(spec)
+    if not is_source and not os.path.exists(spec):
+        raise ValueError(f'{spec}: no such file or folder')
+    if not is_source and not spec.endswith('.npz'):
+        raise ValueError(f'{spec}: not an .npz, an image folder or builtin[:N[:SIZE[:SEED]]]')
+    if not is_source:
+        inp['stored'], has_images = stored_stats(spec)
+        if not has_images:
+            return inp
+    inp['n'], inp['batches'], inp['key'] = read_images(spec, batch_size)
+    return inp
+
+
+def input_features(net, inp, mode='adm', cache_dir=None):
+    """{pool3 (N, 2048), mu, sigma, mu_s, sigma_s} of an open_input() (those it has), from the
+    cache when fresh; checked to be finite."""
+    spec, stored = inp['spec'], inp['stored']
+    if inp['n'] is None:
+        return stored
+    name = os.path.basename(os.path.normpath(spec)).replace(':', '_')  # ref.npz, builtin_1000, ...
+    key = hashlib.sha1(f'{inp["key"]}|{mode}|{net.weights_id}'.encode()).hexdigest()[:16]
+    cache = cache_dir and os.path.join(cache_dir, f'{name}-{key}.npz')
+    if cache and os.path.exists(cache):
+        out, _ = load_npz(cache, ('pool3', 'mu', 'sigma', 'mu_s', 'sigma_s'))
+        check_stats(cache, out)
+    else:
+        out = compute_features(net, inp['batches'], inp['n'], mode, desc=spec)
+        check_stats(spec, out)  # NaN features (e.g. from NaN weights) stop here
+        if cache:
+            write_cache(cache, out)
+    return {**out, **stored}  # as ADM: statistics stored in the file win over those of its arr_0
 
 
 def features(net, spec, mode='adm', batch_size=50, cache_dir=None):
     """{pool3 (N, 2048), mu, sigma, mu_s, sigma_s} of one input (those it has), from the cache when
     fresh."""
-    stored = {}
-    if spec.endswith('.npz'):
-        stored, has_images = stored_stats(spec)
-        if not has_images:
-            return stored
-    n, batches, key = read_images(spec, batch_size)
-    name = os.path.basename(os.path.normpath(spec)).replace(':', '_')  # ref.npz, builtin_1000, ...
-    key = hashlib.sha1(f'{key}|{mode}|{net.weights_id}'.encode()).hexdigest()[:16]
-    cache = cache_dir and os.path.join(cache_dir, f'{name}-{key}.npz')
-    if cache and os.path.exists(cache):
-        out = dict(np.load(cache))
-    else:
-        out = compute_features(net, batches, n, mode, desc=spec)
-        if cache:
-            write_cache(cache, out)
-    return {**out, **stored}  # as ADM: statistics stored in the file win over those of its arr_0
+    return input_features(net, open_input(spec, batch_size), mode, cache_dir)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -533,7 +682,7 @@ def coverage(x, y, r, block):
     return hit.sum().item() / len(hit)
 
 
-def precision_recall(real, fake, k=3, block=1024):
+def precision_recall(real, fake, k=PR_K, block=1024):
     """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM: pool3 features real (N, D),
     fake (M, D), k=3, squared distances. Precision: the fraction of samples inside the k-NN ball of
     some reference; recall: the converse. Distances go in (block, N) pieces, no bigger than the
@@ -554,7 +703,8 @@ def count(feats):
 
 def metrics(net, ref, fake):
     """{name: value} of REF and SAMPLES features (features()); None where these inputs or weights
-    cannot give it (sFID without spatial statistics, IS without fc, P/R without pool3)."""
+    cannot give it (sFID without spatial statistics, IS without fc, P/R without pool3 or with at
+    most PR_K images in a set: the k-th nearest other image of each is needed)."""
     m = dict.fromkeys(['reference images', 'sample images', 'FID', 'sFID', 'IS', 'precision',
                        'recall'])
     m['reference images'] = count(ref)
@@ -568,7 +718,8 @@ def metrics(net, ref, fake):
                  for name, f in (('ref', ref), ('fake', fake)) if 'pool3' in f}
         if net.fc is not None and 'fake' in feats:  # IS of the samples, when the weights have fc
             m['IS'] = inception_score(feats['fake'] @ net.fc.weight.T)
-        if len(feats) == 2:
+        enough = all(len(f) > PR_K for f in feats.values())
+        if len(feats) == 2 and enough:
             m['precision'], m['recall'] = precision_recall(feats['ref'], feats['fake'])
     return m
 
@@ -636,6 +787,30 @@ def class_accuracy(clf, images, labels):
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
     pred = torch.cat([clf(x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)])
     return (pred == torch.as_tensor(np.asarray(labels))).float().mean().item()
+
+
+def labeled_samples(path):
+    """arr_0 uint8 (N, H, W, 3) images and arr_1 integer labels (N,) of the built-in classes, of
+    an .npz as sample.py writes it; a ValueError naming the file on anything else."""
+    import train  # here: only the classifier needs the built-in dataset
+    arrays, _ = load_npz(path, ('arr_0', 'arr_1'))
+    missing = [k for k in ('arr_0', 'arr_1') if k not in arrays]
+    if missing:
+        raise ValueError(f'{path}: no {" and no ".join(missing)} (sample.py --out writes arr_0 '
+                         'images and arr_1 labels)')
+    imgs = arrays['arr_0']
+    labels = arrays['arr_1']
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[3] != 3 or 0 in imgs.shape:
+        raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) images, N >= 1, not '
+                         f'{imgs.dtype} {imgs.shape}')
+    if labels.dtype.kind not in 'iu' or labels.shape != imgs.shape[:1]:
+        raise ValueError(f'{path}: arr_1 must be integer labels {imgs.shape[:1]}, one per image, '
+                         f'not {labels.dtype} {labels.shape}')
+    k = len(train.CLASSES)
+    if labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f'{path}: arr_1 has labels {labels.min()}..{labels.max()}, outside the '
+                         f'{k} built-in classes 0..{k - 1}')
+    return imgs, labels
 
 
 # --- the README's results table ------------------------------------------------------------------
@@ -752,23 +927,82 @@ def parse_args(argv=None):
         p.error('REF and SAMPLES are required (or --class-accuracy NPZ, or --results-table)')
     if not evaluating and args.ref:
         p.error('REF and SAMPLES go without --class-accuracy and --results-table')
+    if args.batch_size < 1:
+        p.error('--batch-size must be at least 1')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f'--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        p.error(f'--device {args.device}: this torch sees no CUDA device')
     return args
 
 
-def evaluate(args):
-    """python fid.py REF SAMPLES: print the metrics, and write them to --json."""
+def check_json_path(path):
+    """Refuse a --json path that cannot be written, before anything is computed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f'{path}: no folder {folder} to write the metrics in')
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ValueError(f'{path}: cannot be written')
+
+
+def write_json(path, m):
+    """m as standard JSON (None: null; NaN and inf refused) to path, atomically: a temporary file
+    in the same folder, renamed over path, so a failed write leaves no partial file and an older
+    one intact."""
+    text = json.dumps(m, indent=1, allow_nan=False)
+    tmp = f'{path}.{os.getpid()}.tmp'
     try:
-        net = load_inception(find_weights(args.inception), args.device)
-        ref = features(net, args.ref, args.preprocess, args.batch_size, args.cache_dir)
-        fake = features(net, args.samples, args.preprocess, args.batch_size)  # used once: no cache
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+        with open(tmp, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, ^C: no temporary file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise ValueError(f'{path}: cannot write the metrics ({first_line(e)})') from None
+        raise
+
+
+def check_finite(m):
+    """Stop unless every metric computed is finite: a NaN is no score, and not standard JSON."""
+    bad = [f'{k} = {v}' for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ValueError(f'not finite: {", ".join(bad)}; nothing printed or written')
+
+
+def note_small_sets(ref_spec, ref, fake_spec, fake, m):
+    """Say on stderr why precision/recall are n/a when a set has too few images for them."""
+    counts = ((ref_spec, count(ref)), (fake_spec, count(fake)))
+    small = [f'{spec} has {n}' for spec, n in counts if n is not None and n <= PR_K]
+    if small and m['precision'] is None:
+        print(f'note: precision/recall n/a: their k-NN (k={PR_K}) needs at least {PR_K + 1} '
+              f'images per set; {", ".join(small)}', file=sys.stderr)
+
+
+def evaluate(args):
+    """python fid.py REF SAMPLES: print the metrics, and write them to --json. Both inputs (and
+    the --json path) are checked before the network is loaded or anything computed."""
+    if args.json:
+        check_json_path(args.json)
+    ref_in = open_input(args.ref, args.batch_size)
+    fake_in = open_input(args.samples, args.batch_size)
+    weights = find_weights(args.inception)
+    try:
+        net = load_inception(weights, args.device)
+    except RuntimeError as e:  # another network's state dict, a damaged port, a missing device
+        raise ValueError(f'{weights}: cannot load the FID Inception on {args.device} '
+                         f'({first_line(e)})') from None
+    ref = input_features(net, ref_in, args.preprocess, args.cache_dir)
+    fake = input_features(net, fake_in, args.preprocess)  # used once: no cache
     m = metrics(net, ref, fake)
+    check_finite(m)
+    note_small_sets(args.ref, ref, args.samples, fake, m)
     for k, v in m.items():
         print(f'{k:<18}' + format_value(v).rjust(12))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(m, f, indent=1)
+        write_json(args.json, m)
 
 
 def main(argv=None):
@@ -779,13 +1013,17 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     if args.results_table:
         results_table(args.methods, out, args.max_steps, args.num_samples, args.device)
-    elif args.class_accuracy:
-        clf = train_classifier(cache=os.path.join(out, 'classifier.pt'))
-        s = np.load(args.class_accuracy)
-        acc = class_accuracy(clf, s['arr_0'], s['arr_1'])
-        print(f'{args.class_accuracy}: class accuracy {acc:.3f} ({len(s["arr_1"])} samples)')
-    else:
-        evaluate(args)
+        return
+    try:  # a bad input or file: one line on stderr, exit code 1, no traceback
+        if args.class_accuracy:
+            imgs, labels = labeled_samples(args.class_accuracy)  # checked before any training
+            clf = train_classifier(cache=os.path.join(out, 'classifier.pt'))
+            acc = class_accuracy(clf, imgs, labels)
+            print(f'{args.class_accuracy}: class accuracy {acc:.3f} ({len(labels)} samples)')
+        else:
+            evaluate(args)
+    except (OSError, ValueError) as e:
+        sys.exit(f'error: {first_line(e)}')
 
 
 if __name__ == '__main__':

