@@ -603,6 +603,11 @@ def default_tokenizer(args, module, data, rank, world, device):
     sizes = module.TOKENIZER_SIZES
     targs.model = next(iter(sizes)) if args.data_path else tiny_size(sizes)
     cfg = config_from(module.TokenizerConfig, targs, sizes[targs.model])
+    with torch.device('meta'):  # its stride, before minutes of training (no memory, no init)
+        stride = module.Tokenizer(cfg).stride
+    if args.image_size % stride:
+        raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the '
+                         f'default tokenizer\'s stride {stride}')
     key = hashlib.sha1(repr(cfg).encode()).hexdigest()[:8]
     name = f'{module.Tokenizer.__name__}-{data.key}-{args.image_size}px-{key}'
     targs.run_dir = os.path.join(args.results_dir, 'tokenizers', name)

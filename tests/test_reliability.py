@@ -209,6 +209,7 @@ def test_a_lock_is_released_when_its_holder_dies(tmp_path):
     (['--lr', '-1'], '--lr -1.0: must not be negative'),
     (['--tokenizer', 'missing.pt'], '--tokenizer missing.pt: no such file'),
     (['--image-size', '300'], 'the built-in dataset renders 16 to 256 pixels'),
+    (['--image-size', '18'], "not divisible by the default tokenizer's stride 4"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
