@@ -213,55 +213,141 @@ class ImageFolder(Dataset):
                   f'{error}); {len(self.unreadable)} so far', flush=True)
 
 
-def batches(dataset, local_bs, seed, rank, world, start_step, workers):
+class ResumableSampler(torch.utils.data.Sampler):
+    """A DistributedSampler's indices for this rank, cut to whole batches, starting `skip` batches
+    into the epoch (resuming mid-epoch). One DataLoader iterates it every epoch, so its workers
+    persist across epochs."""
+
+    def __init__(self, dataset, local_bs, seed, rank, world):
+        self.inner = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.local_bs = local_bs
+        self.per_epoch = len(self.inner) // local_bs  # batches per epoch
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip * self.local_bs:self.per_epoch * self.local_bs])
+
+    def __len__(self):
+        return (self.per_epoch - self.skip) * self.local_bs
+
+
+def batches(dataset, local_bs, seed, rank, world, start_step, workers, device):
     """Endless batches of a DistributedSampler; resuming at start_step skips the indices used."""
-    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-    per_epoch = len(sampler) // local_bs
-    if per_epoch == 0:
+    sampler = ResumableSampler(dataset, local_bs, seed, rank, world)
+    if sampler.per_epoch == 0:
         raise SystemExit(f'train.py: {len(dataset)} samples are fewer than one global batch')
-    epoch, skip = divmod(start_step, per_epoch)
+    loader = DataLoader(dataset, local_bs, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+    epoch, sampler.skip = divmod(start_step, sampler.per_epoch)
     while True:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip * local_bs:per_epoch * local_bs]
-        yield from DataLoader(dataset, local_bs, sampler=order, num_workers=workers)
-        epoch, skip = epoch + 1, 0
+        sampler.inner.set_epoch(epoch)
+        yield from loader
+        epoch, sampler.skip = epoch + 1, 0
+
+
+# --- the code cache: tok.encode of every image and its flip, on disk, read through a memory map -
+class CodeCache(Dataset):
+    """RESULTS_DIR/codes/KEY/: codes.npy (N, 2, ...) (each image, then its flip; int32 ids, or
+    float16 moments), labels.npy (N,), done.npy (N,) bool, and manifest.json, which says what the
+    codes are of and, last, that they are complete. Entry 2i is image i, 2i + 1 its flip. Read
+    through memory maps: a rank's memory does not grow with the dataset."""
+
+    def __init__(self, folder):
+        self.codes = np.load(os.path.join(folder, 'codes.npy'), mmap_mode='r')
+        self.labels = np.load(os.path.join(folder, 'labels.npy'), mmap_mode='r')
+
+    def __len__(self):
+        return 2 * len(self.labels)
+
+    def __getitem__(self, i):
+        codes = torch.from_numpy(np.array(self.codes[i // 2, i % 2]))  # a copy, off the map
+        return codes, int(self.labels[i // 2])
+
+
+def cache_manifest(tok, data, image_size, codes):
+    """What a code cache is of: rebuilt whenever any of it changes. codes: one encoded image."""
+    dtype = np.float16 if codes.is_floating_point() else np.int32  # MAR's moments in 16 bits
+    return {'tokenizer': llamagen.tokenizer_key(tok), 'dataset': data.key,
+            'image_size': image_size, 'count': len(data), 'shape': list(codes.shape[1:]),
+            'dtype': np.dtype(dtype).name}
 
 
 @torch.inference_mode()
-def extract_codes(tok, dataset, path, rank, world, device):
-    """tok.encode of every image and of its flip, computed once (each rank encodes a shard, rank 0
-    joins them) and cached at path. -> a dataset of (codes, label), 2 entries per image. A second
-    run that needs the same codes waits for the first one's, then reuses them."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with cache_lock(path, rank):
-        if agree(not os.path.exists(path)):
-            encode_shards(tok, dataset, path, rank, world, device)
-    data = llamagen.load_file(path)  # codes (N, 2, ...) -> (2N, ...): each image, then its flip
-    return TensorDataset(data['codes'].flatten(0, 1), data['labels'].repeat_interleave(2))
+def extract_codes(tok, data, folder, args, rank, world, device):
+    """The code cache of tok on data at folder, built once: each rank encodes the images it owns
+    (r, r + world, ...) straight into the memory maps, marking each done. An interrupted build
+    resumes where it stopped; a cache of anything else is rebuilt; a second run waits for the
+    first one's build, then reuses it."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    x = data[0][0][None].to(device).float() / 127.5 - 1
+    want = cache_manifest(tok, data, args.image_size, tok.encode(x))
+    with cache_lock(folder, rank):
+        found = agree(read_manifest(folder))
+        if found != {**want, 'complete': True}:
+            if rank == 0:
+                create_cache(folder, want, found)
+            barrier()
+            encode_missing(tok, data, folder, args, rank, world, device)
+            barrier()
+            if rank == 0:  # written last: a half-built cache is never taken for a complete one
+                write_manifest(folder, {**want, 'complete': True})
+            barrier()
+    return CodeCache(folder)
 
 
-def encode_shards(tok, dataset, path, rank, world, device):  # rank r: images r, r + world, ...
-    codes, labels = [], []
-    for x, y in DataLoader(Subset(dataset, range(rank, len(dataset), world)), 64):
-        x = x.to(device).float() / 127.5 - 1
+def read_manifest(folder):
+    path = os.path.join(folder, 'manifest.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(folder, manifest):
+    path = os.path.join(folder, 'manifest.json')
+    llamagen.atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def create_cache(folder, want, found):
+    """Rank 0: new memory maps, unless found is an unfinished build of the same codes."""
+    if found is not None and {**found, 'complete': False} == {**want, 'complete': False}:
+        print(f'train.py: resuming the unfinished code cache {folder}', flush=True)
+        return
+    if found is not None:
+        print(f'train.py: the code cache {folder} is of other codes; rebuilding it', flush=True)
+    os.makedirs(folder, exist_ok=True)
+    n = want['count']
+    np.lib.format.open_memmap(os.path.join(folder, 'codes.npy'), 'w+', want['dtype'],
+                              (n, 2, *want['shape'])).flush()
+    np.lib.format.open_memmap(os.path.join(folder, 'labels.npy'), 'w+', np.int64, (n,)).flush()
+    np.lib.format.open_memmap(os.path.join(folder, 'done.npy'), 'w+', np.bool_, (n,)).flush()
+    write_manifest(folder, {**want, 'complete': False})
+
+
+def encode_missing(tok, data, folder, args, rank, world, device):
+    """This rank's images not yet done, encoded with their flips into the memory maps."""
+    codes = np.load(os.path.join(folder, 'codes.npy'), mmap_mode='r+')
+    labels = np.load(os.path.join(folder, 'labels.npy'), mmap_mode='r+')
+    done = np.load(os.path.join(folder, 'done.npy'), mmap_mode='r+')
+    todo = [i for i in range(rank, len(data), world) if not done[i]]
+    workers = args.num_workers if args.data_path else 0
+    loader = DataLoader(Subset(data, todo), 64, num_workers=workers,
+                        pin_memory=device.type == 'cuda')
+    bar = tqdm(total=len(todo) * world, desc='extracting codes', unit='img', disable=rank != 0)
+    start = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True).float() / 127.5 - 1
         pair = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (B, 2, ...)
-        codes.append(pair.cpu())
-        labels.append(y)
-    llamagen.save_checkpoint({'codes': torch.cat(codes), 'labels': torch.cat(labels)},
-                             f'{path}.part{rank}')
-    barrier()
-    if rank == 0:
-        join_parts(path, len(dataset), world)
-    barrier()
-
-
-def join_parts(path, n, world):  # the ranks' shards (rank r: images r, r + world, ...) in order
-    parts = [llamagen.load_file(f'{path}.part{r}') for r in range(world)]
-    order = torch.cat([torch.arange(r, n, world) for r in range(world)]).argsort()
-    joined = {k: torch.cat([p[k] for p in parts])[order] for k in ('codes', 'labels')}
-    llamagen.save_checkpoint(joined, path)
-    for r in range(world):
-        os.remove(f'{path}.part{r}')
+        rows = todo[start:start + len(x)]
+        codes[rows] = pair.cpu().numpy().astype(codes.dtype)
+        labels[rows] = y.numpy()
+        codes.flush()  # the rows on disk before they are marked done
+        done[rows] = True
+        done.flush()
+        start += len(x)
+        bar.update(len(x) * world)
+    bar.close()
 
 
 # --- DDP (llamagen.setup_ddp starts it) -------------------------------------------------------
@@ -439,7 +525,7 @@ def train_generator(args, module, data, tok, rank, world, device, resume=None):
     cfg = module.Config(**resume['config']) if resume else cfg
     torch.manual_seed(args.seed)  # the same initial weights on every rank and run
     model = module.Model(cfg).to(device)
-    codes = extract_codes(tok, data, codes_path(args, tok, data), rank, world, device)
+    codes = extract_codes(tok, data, codes_path(args, tok, data), args, rank, world, device)
     opt = torch.optim.AdamW(module.param_groups(model, args.weight_decay), lr=args.lr,
                             betas=(0.9, 0.95), fused=device.type == 'cuda')
     state = dict(model=model, optimizer=opt)
@@ -470,8 +556,7 @@ def train_generator(args, module, data, tok, rank, world, device, resume=None):
 
 def codes_path(args, tok, data):  # where the codes of this tokenizer, data and size are cached
     key = f'{llamagen.tokenizer_key(tok)}-{data.key}-{args.image_size}'
-    name = hashlib.sha1(key.encode()).hexdigest()[:12] + '.pt'
-    return os.path.join(args.results_dir, 'codes', name)
+    return os.path.join(args.results_dir, 'codes', hashlib.sha1(key.encode()).hexdigest()[:12])
 
 
 def total_steps(args, data, per_image):
@@ -498,7 +583,8 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
     per_image = 2 if meta['stage'] == 'generator' else 1  # codes: each image and its flip
     total = total_steps(args, data, per_image)
     workers = args.num_workers if args.data_path else 0
-    it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, workers)
+    it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, workers,
+                 device)
     n_params = sum(p.numel() for p in params) / 1e6
     if rank == 0:
         print(f'{meta["stage"]}: {meta["kind"]} {n_params:.2f}M params, {len(data)} samples, '
@@ -680,7 +766,8 @@ def parse_args(argv=None):
     p.add_argument('--lpips', default='', help='tokenizer: perceptual loss from '
                    'VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)')
     p.add_argument('--cfg-scale', type=float, default=2.0, help='for the sample grids')
-    p.add_argument('--num-workers', type=int, default=8, help='image loading (ImageFolder)')
+    p.add_argument('--num-workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='processes loading images (ImageFolder; default: up to 8, the cores)')
     p.add_argument('--log-every', type=int, default=100)
     p.add_argument('--sample-every', type=int, default=1000)
     p.add_argument('--ckpt-every', type=int, default=1000)

@@ -171,8 +171,9 @@ def test_two_runs_started_together(tiny_vq, tmp_path):
     assert len(runs) == 2
     for run in runs:
         assert [r['step'] for r in log(tmp_path / run)] == [1, 2, 3]
-    codes = os.listdir(tmp_path / 'codes')
-    assert len([c for c in codes if c.endswith('.pt')]) == 1 and not any('part' in c for c in codes)
+    (cache,) = [c for c in os.listdir(tmp_path / 'codes') if not c.endswith('.lock')]
+    with open(tmp_path / 'codes' / cache / 'manifest.json') as f:
+        assert json.load(f)['complete']
 
 
 def test_runs_claiming_a_folder_at_once_get_one_each(tmp_path):
