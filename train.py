@@ -12,7 +12,10 @@ Model on codes extracted once (each image and its flip) by the frozen tokenizer.
 --tokenizer, the method's default tokenizer for the dataset is trained first and cached under
 --results-dir.
 A generator run keeps its tokenizer as RUN/tokenizer.pt, so the run can be moved anywhere.
-Chapters: data, DDP setup, run directory, tokenizer, model, EMA, optimizer, loop, checkpoint.
+At scale the generator stage takes --fsdp (shard it over the processes), --grad-checkpoint and
+--compile; --benchmark times its training step on random inputs (no data, no tokenizer).
+Chapters: data, DDP / FSDP setup, run directory, tokenizer, model, EMA, optimizer, loop,
+checkpoint, benchmark.
 """
 import argparse
 import copy
@@ -28,8 +31,14 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -350,7 +359,7 @@ def encode_missing(tok, data, folder, args, rank, world, device):
     bar.close()
 
 
-# --- DDP (llamagen.setup_ddp starts it) -------------------------------------------------------
+# --- DDP and FSDP (llamagen.setup_ddp starts the processes) ------------------------------------
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -358,6 +367,101 @@ def barrier():
 
 def ddp(module, **kwargs):  # the module as DDP sees it, or itself on one process
     return DDP(module, **kwargs) if dist.is_initialized() else module
+
+
+def blocks(model):
+    """The repeated blocks of any method: the children of its nn.ModuleLists, outermost lists only
+    (llamagen, npp, par: layers; iar2: layers and factorized_blocks; rar: blocks; mar:
+    encoder_blocks, decoder_blocks and DiffLoss's res_blocks). What --fsdp shards one by one and
+    --grad-checkpoint and --compile act on."""
+    found = []
+    inside = set()  # the modules of the lists found so far, nested lists included
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and module not in inside:
+            found.extend(module)
+            inside.update(module.modules())
+    return found
+
+
+def shard(model, device):
+    """--fsdp: FSDP2 (fully_shard) on each of blocks(model), then on the root (the embeddings,
+    norms and heads left over), across all processes. Each parameter becomes a DTensor holding
+    1/world of its rows on this rank, and so do its gradient and AdamW state; a block's whole
+    weights exist only during its forward and backward. On CUDA they are gathered in bf16 and
+    gradients reduced in fp32; on the CPU all stays fp32. Inputs keep their dtype (RoPE tables,
+    MAR's latents and diffusion targets stay fp32): autocast picks each op's precision, as
+    without --fsdp."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6
+    policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    if device.type == 'cuda':
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
+    for block in blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+# each optimizer of a checkpoint and the model whose parameters it steps (their names key its state)
+OPTIMIZED = {'optimizer': 'model', 'optimizer_disc': 'discriminator'}
+
+
+def full_state(state):
+    """{name: state dict} of a checkpoint's models and optimizers, whole, on rank 0 (the other
+    ranks get {}): plain CPU tensors under the parameter names (FQNs), from sharded (--fsdp) and
+    plain models alike (every rank takes part: a sharded tensor is gathered). An optimizer's
+    state is keyed by its model's parameter names on every path, so a run resumes with or
+    without --fsdp, on any number of processes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    out = {}
+    for name, obj in state.items():
+        if name in OPTIMIZED:
+            out[name] = get_optimizer_state_dict(state[OPTIMIZED[name]], obj, options=options)
+        else:
+            out[name] = get_model_state_dict(obj, options=options)
+    return out
+
+
+def restore(state, ckpt):
+    """Load a checkpoint's full state dicts into state's models and optimizers, sharded or not:
+    rank 0's copy is broadcast and each rank keeps its shards."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    for name, obj in state.items():
+        if name not in OPTIMIZED:  # the models first: the optimizers find their parameters there
+            set_model_state_dict(obj, ckpt[name], options=options)
+    for name, obj in state.items():
+        if name in OPTIMIZED:
+            model = state[OPTIMIZED[name]]
+            saved = named_optimizer_state(ckpt[name], model, obj)
+            set_optimizer_state_dict(model, obj, saved, options=options)
+
+
+def named_optimizer_state(saved, model, opt):
+    """An optimizer state dict keyed by parameter names, as full_state writes it. Checkpoints
+    written before --fsdp hold torch's own format, keyed 0, 1, ... in the order of opt's
+    parameters: renamed."""
+    ids = [i for group in saved['param_groups'] for i in group['params']]
+    if not ids or isinstance(ids[0], str):
+        return saved
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in opt.param_groups for p in group['params']]
+    groups = [{**group, 'params': [names[i] for i in group['params']]}
+              for group in saved['param_groups']]
+    return {'state': {names[i]: s for i, s in saved['state'].items()}, 'param_groups': groups}
+
+
+def local(p):  # this rank's part of a parameter: its shard under --fsdp (a DTensor), else itself
+    return p.to_local() if hasattr(p, 'to_local') else p
+
+
+@contextmanager
+def eager(compiled):
+    """Compiled blocks (--compile) run eagerly inside: generate's cached calls are never
+    compiled (torch >= 2.6)."""
+    if not compiled:
+        yield
+        return
+    with torch.compiler.set_stance('force_eager'):
+        yield
 
 
 def agree(value):  # rank 0's value on every rank
@@ -526,19 +630,25 @@ def train_generator(args, module, data, tok, rank, world, device, resume=None):
     torch.manual_seed(args.seed)  # the same initial weights on every rank and run
     model = module.Model(cfg).to(device)
     codes = extract_codes(tok, data, codes_path(args, tok, data), args, rank, world, device)
-    opt = torch.optim.AdamW(module.param_groups(model, args.weight_decay), lr=args.lr,
-                            betas=(0.9, 0.95), fused=device.type == 'cuda')
-    state = dict(model=model, optimizer=opt)
-    ddp_model = ddp(model)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+    meta = dict(method=args.method, stage='generator', kind=type(model).__name__, config=cfg,
+                tokenizer='tokenizer.pt')  # the plain class's name: --fsdp changes the class
+    state, forward = prepare_generator(model, module, args, device)
+    params = list(model.parameters())
 
     def step_fn(codes, labels, step):
-        with autocast:
-            _, loss = ddp_model(tok.training_input(codes), labels)
-        update(opt, loss, list(model.parameters()), args.grad_clip)
-        return loss
+        if codes.is_floating_point():  # MAR's moments: cached in float16, sampled from in fp32
+            codes = codes.float()
+        return generator_update(forward, state['optimizer'], params, tok.training_input(codes),
+                                labels, args.grad_clip)
 
     def grid_fn(model, x, path):  # 8 samples of each of the first 10 classes
+        if args.fsdp:  # every rank gathers the weights; rank 0 samples from a plain copy
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # {} off rank 0
+            weights = get_model_state_dict(model, options=options)
+            if rank != 0:
+                return
+            model = module.Model(cfg).to(device)
+            model.load_state_dict(weights)
         labels = torch.arange(min(model.cfg.num_classes, 10), device=device).repeat_interleave(8)
         g = torch.Generator(device).manual_seed(args.seed)
         codes = model.generate(labels, cfg_scale=args.cfg_scale, generator=g)
@@ -549,9 +659,41 @@ def train_generator(args, module, data, tok, rank, world, device, resume=None):
         llamagen.save_checkpoint(llamagen.tokenizer_file(tok, args.method),
                                  os.path.join(run, 'tokenizer.pt'))
     tokens = (args.image_size // tok.stride) ** 2  # per image, for the log's tokens/s
-    meta = dict(method=args.method, stage='generator', kind=type(model).__name__, config=cfg,
-                tokenizer='tokenizer.pt')
     loop(args, state, meta, codes, step_fn, grid_fn, run, rank, world, device, resume, tokens)
+
+
+def prepare_generator(model, module, args, device):
+    """-> (state, forward): what a checkpoint holds (model, ema with --ema, optimizer) and what a
+    step calls (the model, DDP's or sharded). In this order: the EMA, a copy of the plain model;
+    --grad-checkpoint on each block: its activations are recomputed in the backward pass (the RNG
+    state kept: the same dropout, the same loss and gradients); --compile of each block's forward,
+    in place (no new names in the state dict); --fsdp shards the model and the EMA alike; the
+    optimizer last, on the parameters the step updates (sharded ones under --fsdp)."""
+    state = dict(model=model)
+    if args.ema > 0:  # never trained: neither checkpointed nor compiled
+        state['ema'] = copy.deepcopy(model).requires_grad_(False)
+    for block in blocks(model):
+        if args.grad_checkpoint:
+            activation_checkpoint(block)
+        if args.compile:
+            block.compile()
+    if args.fsdp:
+        shard(model, device)
+    if args.fsdp and 'ema' in state:
+        shard(state['ema'], device)
+    state['optimizer'] = torch.optim.AdamW(module.param_groups(model, args.weight_decay),
+                                           lr=args.lr, betas=(0.9, 0.95),
+                                           fused=device.type == 'cuda')
+    forward = model if args.fsdp else ddp(model)
+    return state, forward
+
+
+def generator_update(forward, opt, params, x, labels, grad_clip):
+    """One generator step on its input x: bf16 autocast on GPU -> the loss."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == 'cuda'):
+        _, loss = forward(x, labels)
+    update(opt, loss, params, grad_clip)
+    return loss
 
 
 def codes_path(args, tok, data):  # where the codes of this tokenizer, data and size are cached
@@ -574,11 +716,12 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
     ckpt_path = os.path.join(run, 'last.pt')
     model = state['model']
     params = list(model.parameters())
-    if args.ema > 0:  # exponential moving average of the weights, used for samples and sample.py
+    # exponential moving average of the weights, used for samples and sample.py (the generator
+    # stage makes its own, before --fsdp shards the model)
+    if args.ema > 0 and 'ema' not in state:
         state['ema'] = copy.deepcopy(model).requires_grad_(False)
     if resume:
-        for name, obj in state.items():
-            obj.load_state_dict(resume[name])
+        restore(state, resume)
     step = start = resume['step'] if resume else 0
     per_image = 2 if meta['stage'] == 'generator' else 1  # codes: each image and its flip
     total = total_steps(args, data, per_image)
@@ -618,15 +761,17 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
             if rank == 0:
                 log(record, run, bar)
             loss_sum.zero_()
-        if rank == 0 and (step % args.sample_every == 0 or step == total):
-            grid_fn(state.get('ema', model), x, os.path.join(run, 'samples', f'{step:07d}.png'))
+        # a sharded model's grid: every rank gathers the weights (grid_fn), rank 0 draws
+        if (rank == 0 or args.fsdp) and (step % args.sample_every == 0 or step == total):
+            with eager(args.compile):
+                grid_fn(state.get('ema', model), x, os.path.join(run, 'samples', f'{step:07d}.png'))
         if save_now:
             save(state, meta, step, args, ckpt_path, rank)
     bar.close()
 
 
-def save(state, meta, step, args, path, rank):  # rank 0 writes; the others wait for it
-    checkpoint = {name: obj.state_dict() for name, obj in state.items()}
+def save(state, meta, step, args, path, rank):  # all gather (full_state), rank 0 writes
+    checkpoint = full_state(state)
     checkpoint.update(meta, step=step, config=asdict(meta['config']), args=vars(args))
     if rank == 0:
         llamagen.save_checkpoint(checkpoint, path)
@@ -642,8 +787,12 @@ def ema_update(ema, model, decay):  # ema <- decay * ema + (1 - decay) * model; 
 
 def stop_unless_finite(params, step, ckpt_path):
     """A NaN/inf loss poisons the weights: check them (one sync), and stop before a save would
-    overwrite the last good checkpoint."""
-    if not torch.stack([p.isfinite().all() for p in params]).all():
+    overwrite the last good checkpoint. Each rank checks its own part (its shards under --fsdp)
+    and all ranks agree."""
+    finite = torch.stack([local(p).isfinite().all() for p in params]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, dist.ReduceOp.MIN)
+    if not finite:
         last = ckpt_path if os.path.exists(ckpt_path) else 'none'
         raise SystemExit(f'train.py: loss is nan or inf by step {step}; stopped. '
                          f'Last good checkpoint: {last}')
@@ -685,7 +834,7 @@ def default_tokenizer(args, module, data, rank, world, device):
     size on the built-in data), trained once and cached under RESULTS_DIR/tokenizers."""
     defaults = {**STAGE_DEFAULTS['tokenizer'], **module.CLASSROOM.get('tokenizer', {})}
     targs = argparse.Namespace(**{**vars(args), **defaults, 'stage': 'tokenizer', 'resume': None,
-                                  'epochs': None, 'ema': 0.0})
+                                  'epochs': None, 'ema': 0.0, **dict.fromkeys(RUNTIME, False)})
     sizes = module.TOKENIZER_SIZES
     targs.model = next(iter(sizes)) if args.data_path else tiny_size(sizes)
     cfg = config_from(module.TokenizerConfig, targs, sizes[targs.model])
@@ -724,9 +873,12 @@ def parse_bool(s):
     return s.lower() in ('1', 'true', 'yes')
 
 
+# how the generator stage runs, not what it computes: a resumed run takes these from its own
+# command line, never from the checkpoint (a run trained with --fsdp resumes without it)
+RUNTIME = ('fsdp', 'grad_checkpoint', 'compile')
 # flags a resumed run may change; every other flag is the run's own
 RESUME_OVERRIDES = ('max_steps', 'epochs', 'log_every', 'sample_every', 'ckpt_every', 'num_workers',
-                    'cfg_scale', 'results_dir')
+                    'cfg_scale', 'results_dir') + RUNTIME
 POSITIVE = ('num_images', 'image_size', 'global_batch_size', 'log_every', 'sample_every',
             'ckpt_every', 'max_steps', 'epochs')  # flags that must be > 0 when given
 
@@ -771,6 +923,18 @@ def parse_args(argv=None):
     p.add_argument('--log-every', type=int, default=100)
     p.add_argument('--sample-every', type=int, default=1000)
     p.add_argument('--ckpt-every', type=int, default=1000)
+    p.add_argument('--fsdp', action='store_true',
+                   help='generator stage, under torchrun: shard the weights, gradients and AdamW '
+                        'state over the processes (FSDP2, per block; bf16 on GPU); checkpoints '
+                        'stay one full file. The tokenizer stage keeps DDP')
+    p.add_argument('--grad-checkpoint', action='store_true',
+                   help='generator stage: recompute each block\'s activations in the backward '
+                        'pass (less memory, the same loss and gradients)')
+    p.add_argument('--compile', action='store_true',
+                   help='generator stage: torch.compile each block\'s forward (default: eager)')
+    p.add_argument('--benchmark', action='store_true',
+                   help='time the generator\'s training step at --model, --image-size, '
+                        '--global-batch-size on random weights and inputs (no data, no tokenizer)')
     known = p.parse_known_args(argv)[0]
     resume = None
     method = known.method
@@ -792,7 +956,8 @@ def parse_args(argv=None):
     p.add_argument('-h', '--help', action='help')
     args = p.parse_args(argv)
     if resume:
-        args = resumed_args(args, given_flags(p, argv), resume)
+        defaults = vars(p.parse_args([]))  # for the flags that the run's checkpoint predates
+        args = resumed_args(args, given_flags(p, argv), resume, defaults)
     else:
         defaults = {**STAGE_DEFAULTS[args.stage], **module.CLASSROOM.get(args.stage, {})}
         for name, value in defaults.items():  # what is not given: the classroom run's
@@ -818,12 +983,14 @@ def given_flags(p, argv):
     return vars(p.parse_args(argv))
 
 
-def resumed_args(args, given, resume):
-    """The run's own arguments from its checkpoint. A flag given now may change only what
-    RESUME_OVERRIDES names (each change is printed); any other difference is refused."""
+def resumed_args(args, given, resume, defaults):
+    """The run's own arguments from its checkpoint (today's defaults for flags it predates). A
+    flag given now may change only what RESUME_OVERRIDES names (each change is printed); any
+    other difference is refused. RUNTIME flags are this command's, given or not."""
     path = args.resume
-    saved = resume['args']
-    changed = {k: v for k, v in given.items()
+    saved = {**defaults, **resume['args']}
+    now = {**given, **{k: getattr(args, k) for k in RUNTIME}}
+    changed = {k: v for k, v in now.items()
                if k not in ('resume', 'run_dir') and v != saved.get(k)}
     refused = sorted(set(changed) - set(RESUME_OVERRIDES))
     if refused:
@@ -853,11 +1020,110 @@ def check_args(args):
     if args.global_batch_size % world:
         raise SystemExit(f'train.py: --global-batch-size {args.global_batch_size} is not '
                          f'divisible by the {world} processes')
-    if not args.data_path and not 16 <= args.image_size <= 256:
+    if not args.data_path and not args.benchmark and not 16 <= args.image_size <= 256:
         raise SystemExit(f'train.py: --image-size {args.image_size}: the built-in dataset '
                          'renders 16 to 256 pixels')
     if args.data_path and not os.path.isdir(args.data_path):
         raise SystemExit(f'train.py: --data-path {args.data_path}: not a directory')
+    used = [name for name in RUNTIME + ('benchmark',) if getattr(args, name)]
+    if args.stage == 'tokenizer' and used:
+        raise SystemExit(f'train.py: --{used[0].replace("_", "-")} is for the generator stage; '
+                         'the tokenizer stage trains with DDP')
+    if args.fsdp and 'RANK' not in os.environ:
+        raise SystemExit('train.py: --fsdp shards over the processes of torchrun: run under '
+                         'torchrun --nproc_per_node=N, or leave --fsdp out')
+
+
+# --- benchmark: the generator's training step at paper size, on random inputs ------------------
+# dense bf16 peak TFLOP/s (NVIDIA's datasheets, no sparsity) by a part of the device name
+PEAK_TFLOPS = (('H100 80GB HBM3', 989), ('H100 SXM', 989), ('H200', 989), ('A100', 312))
+
+
+def stand_in_tokenizer(module):
+    """The tokenizer the benchmark pretends to train on, on the meta device (no weights, no
+    memory): VQ-16 (16384 codes, stride 16) for the VQ methods, as the README's ImageNet runs;
+    IAR2's own (256 semantic + 4096 detail codes); MAR's KL-16 (16-channel latents)."""
+    sizes = module.TOKENIZER_SIZES
+    name = next(iter(sizes))  # the paper size comes first
+    if module.TokenizerConfig is vq.VQConfig:
+        sizes, name = vq.VQ_SIZES, 'VQ-16'
+    with torch.device('meta'):
+        return module.Tokenizer(module.TokenizerConfig(**sizes[name]))
+
+
+def benchmark(args, module, rank, world, device, warmup=5, steps=20):
+    """python train.py --benchmark: random weights at --model, random inputs of the shape the
+    stand-in tokenizer gives at --image-size, the training step of a real run (--fsdp,
+    --grad-checkpoint, --compile included) in the method's default mode (no on_step: NPP at
+    p = 1, RAR in raster order); warm-up steps (compilation), then timed steps.
+    Prints the step time, images/s and tokens/s over all processes, and per device the achieved
+    TFLOP/s, MFU and peak memory."""
+    tok = stand_in_tokenizer(module)
+    if args.image_size % tok.stride:
+        raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the '
+                         f'stand-in tokenizer\'s stride {tok.stride}')
+    derived = module.derive_config(tok, args.image_size, 1000)  # ImageNet's classes
+    cfg = config_from(module.Config, args, module.SIZES[args.model], derived)
+    torch.manual_seed(args.seed)
+    model = module.Model(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    state, forward = prepare_generator(model, module, args, device)
+    params = list(model.parameters())
+    batch = args.global_batch_size // world
+    with torch.device('meta'):  # the generator's input: its shape and dtype only
+        like = tok.training_input(tok.encode(torch.empty(batch, 3, args.image_size,
+                                                         args.image_size)))
+    x = torch.randn(like.shape, device=device)  # MAR's latents
+    if not like.is_floating_point():  # token ids (IAR2's detail ids too: 256 < 4096)
+        x = torch.randint(0, tok.cfg.codebook_size, like.shape, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():  # as loop's: the update, then the EMA's (with --ema)
+        loss = generator_update(forward, state['optimizer'], params, x, labels, args.grad_clip)
+        if 'ema' in state:
+            ema_update(state['ema'], model, args.ema)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()  # waits for the last step
+    seconds = (time.perf_counter() - t0) / steps
+    if rank == 0:
+        tokens = (args.image_size // tok.stride) ** 2  # per image: the token grid
+        print(benchmark_report(args, device, world, n_params, batch, tokens, seconds), flush=True)
+
+
+def benchmark_report(args, device, world, n_params, batch, tokens, seconds):
+    """The benchmark's lines. FLOPs: 6 x parameters x tokens per step (forward 2, backward 4), a
+    rough estimate that leaves out attention and counts every parameter once per token."""
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    modes = [flag for flag in RUNTIME if getattr(args, flag)]
+    tflops = 6 * n_params * batch * tokens / seconds / 1e12  # per device
+    peak = next((value for part, value in PEAK_TFLOPS if part in name), None)
+    mfu = 'MFU unknown (no dense bf16 peak known for this device)'
+    if peak:
+        mfu = f'MFU {100 * tflops / peak:.1f}% of {peak} TFLOP/s (dense bf16)'
+    memory = 'peak memory n/a (CPU)'
+    if device.type == 'cuda':
+        memory = f'peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB'
+    return (f'benchmark: {args.method} {args.model} {n_params / 1e6:.1f}M params, '
+            f'{args.image_size} px ({tokens} tokens per image), batch {batch} x {world} '
+            f'process(es), {", ".join(modes) or "eager"}, on {name}\n'
+            f'train step {1000 * seconds:.1f} ms: {world * batch / seconds:.1f} images/s, '
+            f'{world * batch * tokens / seconds:.0f} tokens/s\n'
+            f'per device: {tflops:.3g} TFLOP/s (estimate: 6 x params x tokens), {mfu}, {memory}')
+
+
+def build_data(args):  # the ImageFolder of --data-path, or the built-in dataset
+    if args.data_path:
+        return ImageFolder(args.data_path, args.image_size)
+    return builtin_dataset(args.num_images, args.image_size, args.seed)
 
 
 def main(argv=None):
@@ -865,14 +1131,12 @@ def main(argv=None):
     rank, world, device = llamagen.setup_ddp()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    # data
-    if args.data_path:
-        data = ImageFolder(args.data_path, args.image_size)
+    if args.benchmark:
+        benchmark(args, module, rank, world, device)
+    elif args.stage == 'tokenizer':
+        train_tokenizer(args, module, build_data(args), rank, world, device, resume)
     else:
-        data = builtin_dataset(args.num_images, args.image_size, args.seed)
-    if args.stage == 'tokenizer':
-        train_tokenizer(args, module, data, rank, world, device, resume)
-    else:
+        data = build_data(args)
         path = args.tokenizer
         if resume:  # the run's own tokenizer
             path = llamagen.run_tokenizer(resume, args.resume)
