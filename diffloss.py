@@ -234,10 +234,11 @@ class DiffLoss(nn.Module):
         return self.train_diffusion.training_losses(self.net, target, k, z, noise).mean()
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, num_steps=0, generator=None):
+    def sample(self, z, temperature=1.0, cfg=1.0, num_steps=0, generator=None, trace=None):
         """z (N, Cz), or (2N, Cz) = [cond; uncond] when guided -> x0 (N, C). Ancestral sampling
         over num_steps respaced steps (0: the default):
         x_{k-1} = mean + [k > 0] exp(logvar / 2) temperature n.
+        trace: called after every step with x_{k-1} (N, C) (after the last: x0, the sample).
         CFG (official): eps = eps_u + cfg (eps_c - eps_u); the variance stays the conditional one.
         Why clip_denoised: at k = T-1, abar = 2.4e-9 and x0_hat = (x_k - eps_hat) / 4.9e-5, so an
         eps error of 1e-3 is a jump of ~20 in x0_hat: a trained head copes, a briefly trained one
@@ -263,4 +264,6 @@ class DiffLoss(nn.Module):
             mean, logvar = d.p_mean_logvar(out.float(), x, kk, self.clip)
             noise = torch.randn(x.shape, device=x.device, generator=generator) * temperature
             x = mean + (k > 0) * torch.exp(0.5 * logvar) * noise
+            if trace is not None:
+                trace(x)
         return x

@@ -312,13 +312,14 @@ class Model(llamagen.Model):
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, cfg_scale1=(1.0, 1.0), cfg_scale2=(1.0, 1.0),
-                 w_attn=0.05, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+                 w_attn=0.05, temperature=1.0, top_k=0, top_p=1.0, generator=None, trace=None):
         """labels (B,) -> codes (B, 2L): the L semantic ids, then the L detail ids, as encode and
         forward take them. Per position a cached backbone call, a head call on [context, h]
         (semantic), one on E1[s] (detail). cfg_scale1 / 2: (first, last) semantic / detail scales
         (paper: (1.75, 3.0), w_attn 0.05); a pair left at (1, 1) takes cfg_scale at both ends
         (constant: w_attn has no effect). temperature, top_k, top_p: both tokens (official:
-        lists)."""
+        lists). trace: called after every backbone call with the canvas so far
+        (llamagen.trace_call)."""
         B, L, P, C = len(labels), self.cfg.block_size, self.cfg.cls_token_num, self.cfg.dim
         s1, s2 = scale_pair(cfg_scale1, cfg_scale), scale_pair(cfg_scale2, cfg_scale)
         S, device = P + L, labels.device
@@ -331,6 +332,7 @@ class Model(llamagen.Model):
         det = torch.empty(B, L, dtype=torch.long, device=device)
         dtype = self.tok_embeddings1.weight.dtype
         hs = torch.zeros(kB, L, C, dtype=dtype, device=device)  # backbone states, for the window
+        ugen = llamagen.trace_generator(trace, generator, device)
         self.nfe = 0
         with llamagen.eval_mode(self), llamagen.kv_caches(self.layers, kB, S, dtype, device):
             # the head's (k, v) caches hold 3 slots, rewritten at every position
@@ -342,18 +344,42 @@ class Model(llamagen.Model):
                     hs[:, n] = h[:, 0]
                     # semantic sub-step: head slots 0, 1 = [context, h]
                     e = torch.cat([self.context(hs, slice(n, n + 1)), h], 1)
-                    logits = self.output1(self.head(e, 0, mask[:2, :2])[:, -1]).float()
+                    logits_sem = self.output1(self.head(e, 0, mask[:2, :2])[:, -1]).float()
+                    mixed = logits_sem
                     if cfg:
-                        logits = llamagen.cfg_mix(logits, cfg_schedule(s1, n, L, attn, w_attn))
-                    s = llamagen.sample_logits(logits, temperature, top_k, top_p, generator)
+                        scale = cfg_schedule(s1, n, L, attn, w_attn)
+                        mixed = llamagen.cfg_mix(logits_sem, scale)
+                    s = llamagen.sample_logits(mixed, temperature, top_k, top_p, generator)
                     sem[:, n] = s[:, 0]
                     # detail sub-step: head slot 2 = E1[s_n], the same token in both CFG halves
                     e1 = self.tok_embeddings1(sem[:, n:n + 1].repeat(k, 1))  # (kB, 1, C)
-                    logits = self.output2(self.head(e1, 2, mask[2:3, :3])[:, -1]).float()
+                    logits_det = self.output2(self.head(e1, 2, mask[2:3, :3])[:, -1]).float()
                     if cfg:
-                        logits = llamagen.cfg_mix(logits, cfg_schedule(s2, n, L, attn, w_attn))
-                    d = llamagen.sample_logits(logits, temperature, top_k, top_p, generator)
+                        scale = cfg_schedule(s2, n, L, attn, w_attn)
+                        logits_det = llamagen.cfg_mix(logits_det, scale)
+                    d = llamagen.sample_logits(logits_det, temperature, top_k, top_p, generator)
                     det[:, n] = d[:, 0]
+                    if trace is not None:
+                        pos = torch.arange(L, device=device).expand(B, L)
+                        uncond = None
+                        if cfg:  # (B, 2L): the pair from the null-class rows alone, read at n
+                            pair = self.uncond_pair(logits_sem[B:], mask, k, ugen, temperature,
+                                                    top_k, top_p)
+                            uncond = pair.repeat_interleave(L, 1)
+                        codes = torch.cat([sem, det], 1)
+                        llamagen.trace_call(trace, codes, pos <= n, pos == n, uncond)
                     e2 = self.tok_embeddings2(det[:, n:n + 1].repeat(k, 1))
                     x = self.aggregation_layer(torch.cat([e1, e2], -1))  # the input of pair n
         return torch.cat([sem, det], 1)
+
+    def uncond_pair(self, logits, mask, k, generator, *filters):
+        """A trace's pair from the unconditional branch alone at one position: logits (B, V) the
+        null-class rows' semantic logits -> (B, 2) ids: a semantic token sampled from them, then a
+        detail token from the head fed that token. The extra head call rewrites head slot 2, which
+        the next position writes again before reading it: the guided samples do not change.
+        generator: the trace's own; filters: temperature, top_k, top_p."""
+        B = len(logits)
+        s = llamagen.sample_logits(logits, *filters, generator)  # (B, 1)
+        e1 = self.tok_embeddings1(s.repeat(k, 1))  # (kB, 1, C): the head's cache has kB rows
+        logits_det = self.output2(self.head(e1, 2, mask[2:3, :3])[B:, -1]).float()
+        return torch.cat([s, llamagen.sample_logits(logits_det, *filters, generator)], 1)

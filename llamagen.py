@@ -23,6 +23,8 @@ and every tokenizer and generator works the same way:
   out, loss = model(x, labels)        out: the method's predictions; loss: a scalar
   lr_scale = model.on_step(step, total_steps)   a float sets the step's LR to --lr times it
   codes = model.generate(labels, generator=g, **knobs)   one tensor; model.nfe counts forward calls
+  generate(..., trace=f)              f(codes, filled, uncond, denoising) after each of the nfe
+                                      calls: the canvas so far (trace_call)
   img = tok.decode_code(codes)
 Tokenizer training adds tok(img) -> (reconstruction, losses), tok.on_step, tok.calibrate(img) once
 at the end, and tok.metrics() for the log.
@@ -363,9 +365,10 @@ class Model(nn.Module):
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, cfg_interval=-1,
-                 generator=None):
+                 generator=None, trace=None):
         """labels (B,) -> tokens (B, h*w) in raster order, with a KV cache: 1 + (L-1) forward calls.
-        cfg_interval > -1: guidance only for the first cfg_interval + 2 tokens (official)."""
+        cfg_interval > -1: guidance only for the first cfg_interval + 2 tokens (official). trace:
+        called after every forward call with the canvas so far (trace_call)."""
         B, L, P = len(labels), self.cfg.block_size, self.cfg.cls_token_num
         S, device = P + L, labels.device
         cfg = guided(cfg_scale)
@@ -373,18 +376,54 @@ class Model(nn.Module):
         mask = self.attn_mask(S, device)
         mask = torch.ones(S, S, dtype=torch.bool, device=device).tril() if mask is None else mask
         tokens = torch.empty(B, L, dtype=torch.long, device=device)
+        ugen = trace_generator(trace, generator, device)
         self.nfe = 0
         dtype = self.tok_embeddings.weight.dtype
         with eval_mode(self), kv_caches(self, len(cond), S, dtype, device):
             logits = self.decode(self.cls_embedding(cond), 0, mask)[:, -1]  # (B or 2B, V)
             for t in range(L):
+                mixed = logits
                 if cfg and (cfg_interval < 0 or t <= cfg_interval + 1):
-                    logits = cfg_mix(logits, cfg_scale)
-                tokens[:, t] = sample_logits(logits[:B], temperature, top_k, top_p, generator)[:, 0]
+                    mixed = cfg_mix(logits, cfg_scale)
+                tokens[:, t] = sample_logits(mixed[:B], temperature, top_k, top_p, generator)[:, 0]
+                if trace is not None:
+                    pos = torch.arange(L, device=device).expand(B, L)
+                    uncond = None
+                    if cfg:  # the null-class rows alone: (B, 1), read at position t
+                        uncond = sample_logits(logits[B:], temperature, top_k, top_p, ugen)
+                    trace_call(trace, tokens, pos <= t, pos == t, uncond)
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.tok_embeddings(tokens[:, t:t + 1].repeat(len(cond) // B, 1))
                     logits = self.decode(x, P + t, mask)[:, -1]
         return tokens
+
+
+# --- tracing generation (sample.py --trace), the same for every method ---------------------------
+def trace_generator(trace, generator, device):
+    """The torch.Generator of a trace's unconditional samples, seeded from generator's seed (0
+    without one); None without a trace. Its own: drawing them from generator would change every
+    guided sample after them."""
+    if trace is None:
+        return None
+    seed = 0
+    if generator is not None:
+        seed = generator.initial_seed() + 1
+    return torch.Generator(device).manual_seed(seed)
+
+
+def trace_call(trace, ids, filled, fresh, uncond=None):
+    """Report one forward call of generate: trace(codes, filled, uncond). ids (B, k*L) the ids so
+    far in the layout generate returns (k = 1; IAR2: 2, the semantic ids then the detail ids),
+    valid where filled (B, L) bool says (raster order); fresh (B, L) the positions this call
+    sampled; uncond: ids of the unconditional branch alone, read at the fresh positions
+    (broadcast against ids; None without CFG). codes: ids with 0, a neutral code, where not
+    generated yet; trace's uncond: codes with the fresh positions from uncond."""
+    k = ids.shape[1] // filled.shape[1]
+    codes = torch.where(filled.repeat(1, k), ids, 0)
+    if uncond is None:
+        trace(codes, filled)
+        return
+    trace(codes, filled, torch.where(fresh.repeat(1, k), uncond, codes))
 
 
 # --- running: DDP, files (the one place every script and method reads one), image grids ----------

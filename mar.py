@@ -282,11 +282,12 @@ class Model(nn.Module):
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, num_iter=64, cfg_schedule='linear',
-                 num_sampling_steps=0, generator=None):
+                 num_sampling_steps=0, generator=None, trace=None):
         """labels (B,) -> latents (B, C, h, w) for Tokenizer.decode_code; at most num_iter
         transformer calls. Paper: num_iter 256 for FID (64: the demo), linear CFG, temperature 1.0
         (0.95 without CFG); num_sampling_steps 0 = the config's (paper 100). All randomness comes
-        from `generator`."""
+        from `generator`. trace: called after every transformer call with the canvas so far
+        (trace_call)."""
         if cfg_schedule not in ('linear', 'constant'):
             raise SystemExit(f'mar.py: cfg_schedule {cfg_schedule!r}: use linear or constant')
         B, L, device = len(labels), self.L, labels.device
@@ -298,6 +299,7 @@ class Model(nn.Module):
         cls = self.class_emb(labels)
         if cfg:  # the unconditional rows get the null class
             cls = torch.cat([cls, self.fake_latent.expand(B, -1)])
+        ugen = llamagen.trace_generator(trace, generator, device)
         self.nfe = 0
         n_masked = L
         with llamagen.eval_mode(self):
@@ -318,11 +320,39 @@ class Model(nn.Module):
                 if cfg_schedule == 'linear':  # ramps up with the tokens revealed
                     s = 1 + (cfg_scale - 1) * (L - n_next) / L
                 z = z[to_pred.repeat(reps, 1)]  # (reps N, Cd): the rows of the tokens predicted
-                x = self.diffloss.sample(z, temperature, s, num_sampling_steps, generator)
+                report = None
+                if trace is not None:
+                    steps = []  # DiffLoss's x after each of its steps, (N, Ct) each
+                    report = steps.append
+                x = self.diffloss.sample(z, temperature, s, num_sampling_steps, generator, report)
                 tokens[to_pred] = x.to(tokens.dtype)  # final: predicted tokens are never re-masked
+                if trace is not None:
+                    uncond = None
+                    if cfg:  # the same tokens from the null-class rows alone, (N, Ct)
+                        uncond = self.diffloss.sample(z[len(z) // 2:], temperature, 1.0,
+                                                      num_sampling_steps, ugen)
+                    self.trace_call(trace, tokens, ~mask_next, to_pred, uncond, steps)
                 mask = mask_next
                 n_masked = n_next
         return unpatchify(tokens, self.cfg.patch_size, self.cfg.vae_embed_dim)
+
+    def trace_call(self, trace, tokens, filled, fresh, uncond, steps):
+        """Report one transformer call of generate: trace(codes, filled, uncond, denoising), codes
+        and uncond latents (B, C, h, w) as generate returns, zero where not generated yet, and
+        denoising a list of them. tokens (B, L, Ct) after the call, filled (B, L) bool the tokens
+        generated so far, fresh (B, L) those of this call; uncond (N, Ct) this call's tokens from
+        the unconditional branch alone (None without CFG); steps: DiffLoss's x (N, Ct) after each
+        of its steps, shown at the fresh positions."""
+        def latents(x):  # tokens with the fresh ones replaced by x (N, Ct) -> (B, C, h, w)
+            canvas = tokens.clone()
+            canvas[fresh] = x.to(tokens.dtype)
+            return unpatchify(canvas, self.cfg.patch_size, self.cfg.vae_embed_dim)
+        if uncond is not None:
+            uncond = latents(uncond)
+        denoising = [latents(x) for x in steps]
+        # a copy: unpatchify may return a view of tokens, which the next calls fill
+        codes = unpatchify(tokens.clone(), self.cfg.patch_size, self.cfg.vae_embed_dim)
+        trace(codes, filled, uncond, denoising)
 
 
 # --- official checkpoints ----------------------------------------------------------------------

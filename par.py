@@ -142,16 +142,19 @@ class Model(llamagen.Model):
 
     # --- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+                 trace=None):
         """labels (B,) -> tokens (B, h*w) in raster order, with a KV cache. The n initial tokens one
         at a time, then one group of n per call: 1 + (n-1) + (L-n)/n forward calls. CFG on every
-        step; the n tokens of a group are sampled independently (one row each)."""
+        step; the n tokens of a group are sampled independently (one row each). trace: called
+        after every forward call with the canvas so far (llamagen.trace_call)."""
         B, L, n = len(labels), self.cfg.block_size, self.cfg.ar_token_num
         device = labels.device
         cfg = llamagen.guided(cfg_scale)
         cond = llamagen.cfg_batch(labels, self.cfg.num_classes) if cfg else labels  # (B or 2B,)
         mask = self.attn_mask(L, device)  # the last group is never fed back: L positions
         seq = torch.empty(B, L, dtype=torch.long, device=device)  # PAR order
+        ugen = llamagen.trace_generator(trace, generator, device)
         self.nfe = 0
         dtype = self.tok_embeddings.weight.dtype
         with llamagen.eval_mode(self), llamagen.kv_caches(self, len(cond), L, dtype, device):
@@ -160,11 +163,16 @@ class Model(llamagen.Model):
             while True:
                 logits = self.decode(x, start, mask)  # (B or 2B, T, V): t_start .. t_{start+T-1}
                 T = logits.shape[1]
-                if cfg:
-                    logits = llamagen.cfg_mix(logits, cfg_scale)  # (B, T, V)
-                ids = llamagen.sample_logits(logits.flatten(0, 1), temperature, top_k, top_p,
+                mixed = llamagen.cfg_mix(logits, cfg_scale) if cfg else logits  # (B, T, V)
+                ids = llamagen.sample_logits(mixed.flatten(0, 1), temperature, top_k, top_p,
                                              generator)  # (B*T, 1): a group's tokens independently
                 seq[:, start:start + T] = ids.view(B, T)
+                if trace is not None:
+                    uncond = None
+                    if cfg:  # the null-class rows alone: (B*T, 1), this group's tokens
+                        uncond = llamagen.sample_logits(logits[B:].flatten(0, 1), temperature,
+                                                        top_k, top_p, ugen)
+                    self.trace_group(trace, seq, start, T, uncond)
                 start += T
                 if start == L:
                     break
@@ -173,3 +181,16 @@ class Model(llamagen.Model):
                 if start == n:  # after the n initial tokens: [t_{n-1}, spe_1 .. spe_{n-1}]
                     x = torch.cat([x, self.spe(len(cond))], dim=1)
         return to_raster(seq, n)
+
+    def trace_group(self, trace, seq, start, T, uncond):
+        """Report the call that sampled PAR positions start..start+T-1 of seq (B, L), with uncond
+        (B*T, 1) its tokens from the unconditional branch alone (None without CFG), in raster order
+        (llamagen.trace_call)."""
+        B, L, n = len(seq), self.cfg.block_size, self.cfg.ar_token_num
+        p = torch.arange(L, device=seq.device).expand(B, L)  # PAR-order positions
+        filled = p < start + T
+        fresh = filled & (p >= start)
+        if uncond is not None:  # (B, L), the group's tokens at start..start+T-1
+            uncond = to_raster(F.pad(uncond.view(B, T), (start, L - start - T)), n)
+        llamagen.trace_call(trace, to_raster(seq, n), to_raster(filled, n), to_raster(fresh, n),
+                            uncond)

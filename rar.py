@@ -265,11 +265,12 @@ class Model(nn.Module):
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=16.0, temperature=1.0, guidance_scale_pow=2.75,
-                 generator=None):
+                 generator=None, trace=None):
         """labels (B,) -> tokens (B, h*w) in raster order with a KV cache: 1 + (L-1) forward calls.
         CFG (cfg_scale != 1) follows guidance_scale() with guidance_scale_pow (0: a constant
         cfg_scale). No top-k / top-p (paper). Defaults: RAR-B's (16, 2.75, 1.0); L, XL, XXL:
-        (15.5, 2.5), (6.9, 1.5), (8.0, 1.2), each at temperature 1.02 (PAPER)."""
+        (15.5, 2.5), (6.9, 1.5), (8.0, 1.2), each at temperature 1.02 (PAPER). trace: called after
+        every forward call with the canvas so far (llamagen.trace_call)."""
         B, L = len(labels), self.cfg.block_size
         S = 2 + L  # [cls_token, class] + image tokens
         device = labels.device
@@ -277,6 +278,7 @@ class Model(nn.Module):
         rows = llamagen.cfg_batch(labels, self.cfg.num_classes) if cfg else labels  # (B or 2B,)
         mask = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         tokens = torch.empty(B, L, dtype=torch.long, device=device)
+        ugen = llamagen.trace_generator(trace, generator, device)
         self.nfe = 0
         dtype = self.embeddings.weight.dtype
         with llamagen.eval_mode(self), llamagen.kv_caches(self, len(rows), S, dtype, device):
@@ -284,11 +286,18 @@ class Model(nn.Module):
             prefix = torch.cat([self.cls_token.expand(len(rows), -1, -1), cond], dim=1)
             logits = self.decode(prefix, cond, 0, mask)[:, -1]  # (B or 2B, V)
             for t in range(L):
+                mixed = logits
                 if cfg:
                     scale = guidance_scale(t, L, cfg_scale, guidance_scale_pow)
-                    logits = llamagen.cfg_mix(logits, scale)
-                ids = llamagen.sample_logits(logits, temperature, generator=generator)  # (B, 1)
+                    mixed = llamagen.cfg_mix(logits, scale)
+                ids = llamagen.sample_logits(mixed, temperature, generator=generator)  # (B, 1)
                 tokens[:, t] = ids[:, 0]
+                if trace is not None:
+                    pos = torch.arange(L, device=device).expand(B, L)
+                    uncond = None
+                    if cfg:  # the null-class rows alone: (B, 1), read at position t
+                        uncond = llamagen.sample_logits(logits[B:], temperature, generator=ugen)
+                    llamagen.trace_call(trace, tokens, pos <= t, pos == t, uncond)
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.embeddings(tokens[:, t:t + 1].repeat(len(rows) // B, 1))
                     logits = self.decode(x, cond, 2 + t, mask)[:, -1]

@@ -6,6 +6,7 @@ Sample a generator, ours or an official checkpoint: a PNG grid, or an ADM-style 
   torchrun --nproc_per_node=8 sample.py --ckpt RUN/last.pt --num-samples 50000 --out samples.npz
   python sample.py --official --method llamagen --model GPT-B --gpt-ckpt c2i_B_256.pt \\
       --vq-ckpt vq_ds16_c2i.pt --benchmark
+  python sample.py --ckpt RUN/last.pt --trace trace.png      # the canvas after every forward call
 
 The .npz holds arr_0 uint8 (N, H, W, 3) and arr_1 labels (N,), class-balanced, as the ADM
 evaluator reads it. The keyword arguments of the method's generate() become flags.
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import llamagen
 
@@ -29,19 +30,24 @@ METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')
 
 
 def generate_knobs(cls):
-    """The keyword arguments of cls.generate with their defaults (the generator excluded)."""
+    """The keyword arguments of cls.generate with their defaults (the generator and the trace
+    callback excluded)."""
     params = inspect.signature(cls.generate).parameters.items()
-    return {k: v.default for k, v in params if k != 'generator' and v.default is not v.empty}
+    return {k: v.default for k, v in params
+            if k not in ('generator', 'trace') and v.default is not v.empty}
+
+
+def knobs(model, args):  # the generate() keywords given as flags (or their defaults)
+    return {k: getattr(args, k) for k in generate_knobs(type(model))
+            if getattr(args, k, None) is not None}
 
 
 @torch.inference_mode()
 def sample(model, tok, labels, args, generator):
     """labels (B,) -> images (B, 3, H, W) in [-1, 1], resized (bicubic, as official) to
     --image-size-eval if given; official models are evaluated at 256 px, as in the papers."""
-    knobs = {k: getattr(args, k) for k in generate_knobs(type(model))
-             if getattr(args, k, None) is not None}
     with torch.autocast(labels.device.type, torch.bfloat16, enabled=args.precision == 'bf16'):
-        codes = model.generate(labels, generator=generator, **knobs)
+        codes = model.generate(labels, generator=generator, **knobs(model, args))
         img = tok.decode_code(codes).float()
     size = args.image_size_eval or (min(img.shape[-1], 256) if args.official else img.shape[-1])
     return F.interpolate(img, size=size, mode='bicubic') if size != img.shape[-1] else img
@@ -114,6 +120,213 @@ def npz_path(out):
     return out if out.endswith('.npz') else out + '.npz'
 
 
+# --- --trace: the canvas after every forward call of generate ----------------------------------
+GREY = (128, 128, 128)  # the token positions not generated yet
+FRESH = (255, 32, 32)  # the outline of the positions a call generated
+# the order map's colours, call 1 to the last: viridis at 5 points, interpolated
+VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)])
+TEXT = 16  # pixels of label above each picture (a 12 px font)
+COLS = 16  # pictures per row
+
+
+@torch.inference_mode()
+def record_trace(model, labels, args, generator):
+    """labels (B,) -> (sample, calls): the finished codes and, for each forward call of generate,
+    a dict (on the CPU) of its canvas 'codes', 'filled' (B, L) bool, 'uncond' (or None) and
+    'denoising' (MAR: (label 'i/n', latents) for at most COLS of DiffLoss's n steps, evenly
+    spaced, the last included; others: empty)."""
+    calls = []
+
+    def trace(codes, filled, uncond=None, denoising=None):
+        n = len(denoising or ())
+        shown = sorted({round(i) for i in np.linspace(0, n - 1, min(n, COLS))})
+        steps = [(f'{i + 1}/{n}', denoising[i].cpu()) for i in shown]
+        if uncond is not None:
+            uncond = uncond.cpu()
+        calls.append(dict(codes=codes.cpu(), filled=filled.cpu(), uncond=uncond,
+                          denoising=steps))
+
+    with torch.autocast(labels.device.type, torch.bfloat16, enabled=args.precision == 'bf16'):
+        codes = model.generate(labels, generator=generator, trace=trace, **knobs(model, args))
+    return codes, calls
+
+
+@torch.inference_mode()
+def decode(tok, codes, args, device, batch=64):
+    """A list of N codes tensors (B, ...) -> uint8 (N, B, H, W, 3), decoded `batch` at a time."""
+    flat = torch.cat(codes)
+    images = []
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == 'bf16'):
+        for i in range(0, len(flat), batch):
+            img = tok.decode_code(flat[i:i + batch].to(device)).float()
+            images.append(llamagen.to_uint8(img).numpy())
+    images = np.concatenate(images)
+    return images.reshape(len(codes), -1, *images.shape[1:])
+
+
+def draw_canvas(img, filled, fresh, scale):
+    """img uint8 (H, W, 3), filled / fresh (L,) bool over the token grid (raster order) -> a PIL
+    image scale times larger (nearest): the tokens not generated yet grey, each token of this call
+    outlined. A token is a block of H / sqrt(L) pixels."""
+    g = math.isqrt(len(filled))
+    b = img.shape[0] // g  # pixels per token side
+    todo = np.kron(~filled.reshape(g, g), np.ones((b, b), dtype=bool))  # (H, W)
+    img = np.where(todo[..., None], np.uint8(GREY), img)
+    im = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(im)
+    s = b * scale
+    for i in np.flatnonzero(fresh):
+        r, c = divmod(int(i), g)
+        draw.rectangle([c * s, r * s, c * s + s - 1, r * s + s - 1], outline=FRESH)
+    return im
+
+
+def heat(t):
+    """t in [0, 1] (L,) -> uint8 (L, 3) colours along VIRIDIS."""
+    x = t * (len(VIRIDIS) - 1)
+    i = np.minimum(x.astype(int), len(VIRIDIS) - 2)
+    f = (x - i)[:, None]
+    return (VIRIDIS[i] * (1 - f) + VIRIDIS[i + 1] * f).round().astype(np.uint8)
+
+
+def number_font(s, most):
+    """The largest font (7 px to 0.6 s, at most 16) in which the number `most` fits a token of s
+    pixels with 2 pixels either side; None when even 7 px does not: it would not be legible."""
+    for size in range(min(16, int(0.6 * s)), 6, -1):
+        font = ImageFont.load_default(size=size)
+        if font.getlength(str(most)) <= s - 4:
+            return font
+    return None
+
+
+def draw_order(order, upto, size):
+    """order (L,) the call (1..K) that generated each token, raster order -> a size x size PIL
+    image: the generation order as a heat map (dark: early, yellow: late) with the call number
+    written where it fits; the tokens of calls after upto grey (the GIF grows the map)."""
+    g = math.isqrt(len(order))
+    s = size // g  # pixels per token side
+    most = int(order.max())
+    colours = heat((order - 1) / max(most - 1, 1))
+    colours[order > upto] = GREY
+    im = Image.fromarray(colours.reshape(g, g, 3)).resize((g * s, g * s), Image.NEAREST)
+    font = number_font(s, most)
+    if font is None:
+        return im
+    draw = ImageDraw.Draw(im)
+    for i in np.flatnonzero(order <= upto):
+        r, c = divmod(int(i), g)
+        ink = 'black' if order[i] > (most + 1) / 2 else 'white'  # on yellow-green, on blue
+        xy = ((c + 0.5) * s, (r + 0.5) * s)
+        draw.text(xy, str(int(order[i])), fill=ink, font=font, anchor='mm')
+    return im
+
+
+def pair(a, b):  # two pictures side by side, 2 pixels apart
+    out = Image.new('RGB', (a.width + 2 + b.width, max(a.height, b.height)), 'white')
+    out.paste(a, (0, 0))
+    out.paste(b, (a.width + 2, 0))
+    return out
+
+
+def page(title, blocks):
+    """A picture of labelled pictures: the title, then per block (heading, cells) its cells, each
+    (label, PIL image), in rows of COLS pictures (a pair counts two)."""
+    font = ImageFont.load_default(size=12)  # 11 px: spaces of 2 px
+    placed = []  # (x, y, label, image or None)
+    width = int(font.getlength(title)) + 8
+    y = TEXT + 4
+    for heading, cells in blocks:
+        placed.append((4, y, heading, None))
+        y += TEXT
+        per_row = max(1, COLS * cells[0][1].height // cells[0][1].width)
+        for i in range(0, len(cells), per_row):
+            x = 4
+            row = cells[i:i + per_row]
+            for label, im in row:
+                placed.append((x, y, label, im))
+                x += im.width + 4
+            width = max(width, x)
+            y += TEXT + max(im.height for _, im in row) + 4
+        y += 4
+    out = Image.new('RGB', (width, y), 'white')
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 2), title, fill='black', font=font)
+    for x, y0, label, im in placed:
+        draw.text((x, y0), label, fill='black', font=font)
+        if im is not None:
+            out.paste(im, (x, y0 + TEXT))
+    return out
+
+
+def trace_pictures(tok, calls, args, device):
+    """The calls of record_trace -> (frames, order, denoising) per class b: frames[b] the K
+    canvases as PIL images (--trace-cfg: each paired with the unconditional one), order[b] (L,)
+    the call that generated each token, denoising[b] the middle call's labelled DiffLoss steps
+    (empty when the calls report none)."""
+    K = len(calls)
+    filled = torch.stack([c['filled'] for c in calls]).numpy()  # (K, B, L)
+    fresh = filled & ~np.concatenate([np.zeros_like(filled[:1]), filled[:-1]])
+    images = decode(tok, [c['codes'] for c in calls], args, device)  # (K, B, H, W, 3)
+    scale = max(1, 96 // images.shape[2])  # 32 px -> 96 px
+    uncond = None
+    if args.trace_cfg:
+        uncond = decode(tok, [c['uncond'] for c in calls], args, device)
+    frames = []
+    for b in range(images.shape[1]):
+        frames.append([draw_canvas(images[k, b], filled[k, b], fresh[k, b], scale)
+                       for k in range(K)])
+        if uncond is not None:
+            ours = [draw_canvas(uncond[k, b], filled[k, b], fresh[k, b], scale) for k in range(K)]
+            frames[b] = [pair(f, u) for f, u in zip(frames[b], ours)]
+    m = K // 2  # the middle call
+    steps = calls[m]['denoising']
+    denoising = [[] for _ in frames]
+    if steps:
+        x = decode(tok, [latents for _, latents in steps], args, device)  # (steps, B, H, W, 3)
+        for b, row in enumerate(denoising):
+            for j, (label, _) in enumerate(steps):
+                row.append((label, draw_canvas(x[j, b], filled[m, b], fresh[m, b], scale)))
+    return frames, 1 + (~filled).sum(0), denoising
+
+
+def write_trace(model, tok, args, device):
+    """--trace: for each of --classes (default the first 4), the decoded canvas after every
+    forward call of generate, then the order map; a .gif has a frame per call. The samples are
+    those of --grid with --per-class 1 and the same --seed: the trace has a generator of its
+    own, so what else this run samples does not change."""
+    classes = list(args.classes or range(min(model.cfg.num_classes, 4)))
+    generator = torch.Generator(device).manual_seed(args.seed)
+    _, calls = record_trace(model, torch.tensor(classes, device=device), args, generator)
+    if args.trace_cfg and calls[0]['uncond'] is None:
+        raise SystemExit('--trace-cfg: these settings sample without guidance, so there is no '
+                         'unconditional branch to show (give a CFG scale other than 1)')
+    frames, order, denoising = trace_pictures(tok, calls, args, device)
+    K, size = len(calls), frames[0][0].height
+    title = (f'{args.method}: {K} forward calls; grey: not generated yet; red: generated by the '
+             'call')
+    if args.trace_cfg:
+        title += '; right of each: the same call, unconditional branch alone'
+    if args.trace.lower().endswith('.gif'):
+        pages = []
+        for k in range(K):
+            blocks = [(f'class {c}', [(f'call {k + 1}/{K}', frames[b][k]),
+                                      ('order', draw_order(order[b], k + 1, size))])
+                      for b, c in enumerate(classes)]
+            pages.append(page(title, blocks))
+        pages[0].save(args.trace, save_all=True, append_images=pages[1:], loop=0,
+                      duration=[250] * (K - 1) + [2000])
+    else:
+        blocks = []
+        for b, c in enumerate(classes):
+            cells = [(str(k + 1), im) for k, im in enumerate(frames[b])]
+            blocks.append((f'class {c}', cells + [('order', draw_order(order[b], K, size))]))
+            if denoising[b]:
+                heading = f'class {c}, call {K // 2 + 1}: the DiffLoss sample after step i/n'
+                blocks.append((heading, denoising[b]))
+        page(title, blocks).save(args.trace)
+    print(f'wrote {args.trace}: {len(classes)} classes x {K} forward calls')
+
+
 def check_flags(p, args):
     """Stop (argparse's usage and one line) on a flag no run could use, before any work."""
     positive = {'--batch-size': args.batch_size, '--per-class': args.per_class,
@@ -124,6 +337,8 @@ def check_flags(p, args):
             p.error(f'{flag} must be positive, not {value}')
     if args.num_samples < 0:
         p.error(f'--num-samples must be 0 or more, not {args.num_samples}')
+    if args.trace_cfg and not args.trace:
+        p.error('--trace-cfg needs --trace FILE.png or FILE.gif')
 
 
 def check_outputs(args):
@@ -135,6 +350,11 @@ def check_outputs(args):
         ext = os.path.splitext(args.grid)[1].lower()
         if ext not in Image.registered_extensions():  # PIL picks the format by the extension
             raise SystemExit(f"--grid {args.grid}: unknown image format '{ext}' (use .png)")
+    if args.trace:
+        outputs.append(('--trace', args.trace))
+        ext = os.path.splitext(args.trace)[1].lower()
+        if ext not in ('.png', '.gif'):
+            raise SystemExit(f"--trace {args.trace}: unknown format '{ext}' (use .png or .gif)")
     if args.num_samples:
         outputs.append(('--out', npz_path(args.out)))
     for flag, path in outputs:
@@ -183,12 +403,17 @@ def parse_args(argv=None):
                    '--official: 384 -> 256 as for the papers\' FID)')
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--grid', help='write a PNG with a row per class')
-    p.add_argument('--classes', type=int, nargs='+', help='grid classes (default: the first 10)')
+    p.add_argument('--classes', type=int, nargs='+',
+                   help='grid classes (default: the first 10), trace classes (the first 4)')
     p.add_argument('--per-class', type=int, default=8, help='grid columns')
     p.add_argument('--num-samples', type=int, default=0,
                    help='write this many class-balanced samples to --out')
     p.add_argument('--out', default='samples.npz')
     p.add_argument('--batch-size', type=int, default=32, help='per process')
+    p.add_argument('--trace', help='write the decoded canvas after every forward call of '
+                   'generate and the generation order: a .png, or a .gif of a frame per call')
+    p.add_argument('--trace-cfg', action='store_true', help='--trace: beside each canvas, the '
+                   "same call's tokens from the unconditional branch alone (needs guidance)")
     p.add_argument('--benchmark', action='store_true',
                    help='print images/s and forward calls per image')
     p.add_argument('--precision', choices=('fp32', 'bf16'),
@@ -228,6 +453,8 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed * world + rank)
     if args.grid and rank == 0:
         write_grid(model, tok, args, generator, device)
+    if args.trace and rank == 0:
+        write_trace(model, tok, args, device)
     if args.benchmark and rank == 0:
         benchmark(model, tok, args, generator, device)
     if args.num_samples:
