@@ -142,8 +142,16 @@ def apply_rope(x, freqs):
 def attend(q, k, v, cache=None, start=0, mask=None, dropout_p=0.0):
     """q, k, v (B, H, T, D) -> (B, H, T, D). With a cache (k, v each (B, H, S, D)) the new keys and
     values are written at positions start..start+T-1 and the queries see the first start+T cached
-    ones through mask (T, start+T). Without a cache and mask: plain causal attention."""
-    if cache is not None:
+    ones through mask (T, start+T). Without a cache and mask: plain causal attention.
+    start a 0-d long tensor: the static-shape step of compiled sampling (Model.step): the queries
+    see the whole cache (B, H, S, D) through mask (T, S), whose False entries (the positions not
+    written yet) weigh exactly 0 after the softmax, so every step has the same shapes."""
+    if cache is not None and torch.is_tensor(start):
+        pos = start + torch.arange(q.shape[2], device=q.device)  # (T,) cache positions
+        cache[0].index_copy_(2, pos, k)
+        cache[1].index_copy_(2, pos, v)
+        k, v = cache
+    elif cache is not None:
         end = start + q.shape[2]
         cache[0][:, :, start:end] = k
         cache[1][:, :, start:end] = v
@@ -287,6 +295,16 @@ def kv_caches(module, batch, length, dtype, device):
             attn.kv_cache = None
 
 
+def static_caches(module):
+    """Mark the kv_caches() tensors inside module as static addresses for torch.compile, so that
+    CUDA graphs (mode='reduce-overhead') may keep their in-place writes rather than skip the graph
+    for mutated inputs (not yet run on a GPU). guard=False: new caches do not recompile."""
+    for attn in module.modules():
+        if getattr(attn, 'kv_cache', None) is not None:
+            for t in attn.kv_cache:
+                torch._dynamo.mark_static_address(t, guard=False)
+
+
 @contextmanager
 def eval_mode(model):
     """model.eval() for the duration of a generate call, then the mode it had."""
@@ -316,6 +334,7 @@ class Model(nn.Module):
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # official init: logits start uniform
         self.nfe = 0  # forward calls of the last generate()
+        self.compiled_step = None  # compile_step(): torch.compile(self.step); None: eager decode
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -360,8 +379,24 @@ class Model(nn.Module):
         """One cached forward call: x (B, T, C) enters at positions start..start+T-1 of the
         method's sequence; mask is the full (S, S) mask. -> (B, T, V) logits."""
         self.nfe += 1
+        if self.compiled_step is not None:  # a copy: a CUDA graph's next replay overwrites it
+            return self.compiled_step(x, torch.tensor(start, device=x.device), mask).clone()
         end = start + x.shape[1]
         return self.backbone(x, self.rope(x.device)[start:end], start, mask[start:end, :end])
+
+    def step(self, x, start, mask):
+        """decode's forward call with static shapes, for torch.compile: start a 0-d long tensor,
+        the keys and values the whole (B, H, S, D) cache (attend), the mask rows (T, S). Rounding
+        may differ from decode's (sums over S keys, not start+T), nothing else."""
+        pos = start + torch.arange(x.shape[1], device=x.device)  # (T,)
+        freqs = self.rope(x.device).index_select(0, pos)  # (T, D/2, 2)
+        return self.backbone(x, freqs, start, mask.index_select(0, pos))
+
+    def compile_step(self, mode=None, backend='inductor'):
+        """generate's cached forward calls through torch.compile(self.step): every call has the
+        same shapes (T = 1 token; the class prefix too, cls_token_num 1), so one graph serves
+        them all; mode='reduce-overhead' replays it as a CUDA graph."""
+        self.compiled_step = torch.compile(self.step, mode=mode, backend=backend)
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, cfg_interval=-1,
@@ -380,6 +415,8 @@ class Model(nn.Module):
         self.nfe = 0
         dtype = self.tok_embeddings.weight.dtype
         with eval_mode(self), kv_caches(self, len(cond), S, dtype, device):
+            if self.compiled_step is not None:
+                static_caches(self)
             logits = self.decode(self.cls_embedding(cond), 0, mask)[:, -1]  # (B or 2B, V)
             for t in range(L):
                 mixed = logits

@@ -7,6 +7,8 @@ Sample a generator, ours or an official checkpoint: a PNG grid, or an ADM-style 
   python sample.py --official --method llamagen --model GPT-B --gpt-ckpt c2i_B_256.pt \\
       --vq-ckpt vq_ds16_c2i.pt --benchmark
   python sample.py --ckpt RUN/last.pt --trace trace.png      # the canvas after every forward call
+  python sample.py --random-weights --method llamagen --model GPT-XL --image-size 384 \\
+      --benchmark --compile                      # paper-size speed, no files; compiled decode step
 
 The .npz holds arr_0 uint8 (N, H, W, 3) and arr_1 labels (N,), class-balanced, as the ADM
 evaluator reads it. The keyword arguments of the method's generate() become flags.
@@ -58,6 +60,11 @@ def load(args, ckpt):
     module = importlib.import_module(args.method)
     if ckpt is not None:
         return llamagen.load_generator(module, ckpt, args.ckpt)
+    if args.random_weights:  # the paper's tokenizer config, its weights random as the model's
+        cfg = module.TOKENIZER_SIZES[args.vq_model or next(iter(module.TOKENIZER_SIZES))]
+        tok = module.Tokenizer(module.TokenizerConfig(**cfg))
+        derived = module.derive_config(tok, args.image_size, args.num_classes)
+        return module.Model(module.Config(**module.SIZES[args.model], **derived)), tok
     tok = llamagen.load_tokenizer(module, args.vq_ckpt, args.vq_model)
     derived = module.derive_config(tok, args.image_size, args.num_classes)
     model = module.Model(module.Config(**module.SIZES[args.model], **derived))
@@ -71,17 +78,39 @@ def write_grid(model, tok, args, generator, device):  # one row per class
     print(f'wrote {args.grid}: {len(classes)} classes x {args.per_class}')
 
 
-def benchmark(model, tok, args, generator, device, reps=3):  # after one warm-up batch
+def benchmark(model, tok, args, generator, device, reps=3):
+    """Images/s over reps batches after one warm-up batch (--compile: the compilation), forward
+    calls per image and, on CUDA, the peak memory of the timed batches."""
     labels = torch.arange(args.batch_size, device=device) % model.cfg.num_classes
     sample(model, tok, labels, args, generator)
     synchronize(device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     for _ in range(reps):
         sample(model, tok, labels, args, generator)
     synchronize(device)
     speed = reps * args.batch_size / (time.time() - t0)
+    mode = 'compiled' if args.compile else 'eager'
+    memory = ''
+    if device.type == 'cuda':
+        memory = f', peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB'
     print(f'benchmark: {speed:.3g} images/s at batch {args.batch_size} on {device} '
-          f'({args.precision}), {model.nfe} forward calls per image')
+          f'({args.precision}, {mode}), {model.nfe} forward calls per image{memory}')
+
+
+def compile_sampling(model, device):
+    """--compile: generate's cached decode step through torch.compile (Model.compile_step), CUDA
+    graphs on CUDA. Only the core's raster loop (LlamaGen, NPP) has that static-shape step; the
+    other methods' generate and decode are their own: stop with one line for them."""
+    core = type(model).generate is llamagen.Model.generate
+    if not core or type(model).decode is not llamagen.Model.decode:
+        raise SystemExit(f'--compile: compiled sampling is for the core raster loop (llamagen, '
+                         f'npp); {type(model).__module__} has its own generate')
+    mode = None
+    if device.type == 'cuda':
+        mode = 'reduce-overhead'
+    model.compile_step(mode)
 
 
 def synchronize(device):
@@ -339,6 +368,10 @@ def check_flags(p, args):
         p.error(f'--num-samples must be 0 or more, not {args.num_samples}')
     if args.trace_cfg and not args.trace:
         p.error('--trace-cfg needs --trace FILE.png or FILE.gif')
+    if args.random_weights and not (args.benchmark and args.method and args.model):
+        p.error('--random-weights is for --benchmark, with --method and --model (no files)')
+    if args.random_weights and (args.grid or args.trace or args.num_samples):
+        p.error('--random-weights samples noise: only --benchmark, no --grid, --trace or --out')
 
 
 def check_outputs(args):
@@ -416,28 +449,35 @@ def parse_args(argv=None):
                    "same call's tokens from the unconditional branch alone (needs guidance)")
     p.add_argument('--benchmark', action='store_true',
                    help='print images/s and forward calls per image')
+    p.add_argument('--random-weights', action='store_true', help='--benchmark a model of '
+                   '--method/--model/--image-size with random weights (and its paper tokenizer '
+                   'config): no files')
+    p.add_argument('--compile', action='store_true', help='compile the cached decode step '
+                   "(torch.compile, CUDA graphs on CUDA); LlamaGen and NPP's raster loop only")
     p.add_argument('--precision', choices=('fp32', 'bf16'),
                    help='default: bf16 on GPU, fp32 on CPU')
     p.add_argument('--seed', type=int, default=0)
     known = p.parse_known_args(argv)[0]
     if known.official and not (known.method and known.gpt_ckpt and known.vq_ckpt and known.model):
         p.error('--official needs --method, --model, --gpt-ckpt and --vq-ckpt')
-    if not known.official and not known.ckpt:
+    if not (known.official or known.ckpt or known.random_weights):
         p.error('give --ckpt RUN/last.pt, or --official with the official files')
     check_flags(p, known)
     check_outputs(known)
     ckpt = None
-    if not known.official:
+    if not (known.official or known.random_weights):
         ckpt = llamagen.load_file(known.ckpt)
         llamagen.check_run(ckpt, known.ckpt, known.method or ckpt.get('method'), 'generator')
         p.set_defaults(method=ckpt['method'], cfg_scale=ckpt['args'].get('cfg_scale'))
     module = importlib.import_module(known.method or ckpt['method'])
+    if known.random_weights and known.model not in module.SIZES:
+        p.error(f'--model {known.model}: not a size of {known.method} ({", ".join(module.SIZES)})')
     for k, v in generate_knobs(module.Model).items():  # the method's generate() knobs -> flags
         kind = {tuple: float, type(None): float, bool: parse_bool}.get(type(v), type(v))
         p.add_argument('--' + k.replace('_', '-'), type=kind,
                        nargs='+' if isinstance(v, tuple) else None, help=f'default {v}')
     p.add_argument('-h', '--help', action='help')
-    if known.official:  # the paper's settings for this released model; flags win
+    if known.official or known.random_weights:  # the paper's settings for this model; flags win
         p.set_defaults(**module.PAPER.get(known.model, {}))
     return p.parse_args(argv), ckpt
 
@@ -450,6 +490,8 @@ def main(argv=None):
     check_classes(args, model.cfg.num_classes)
     model = model.to(device).eval()
     tok = tok.to(device).eval()
+    if args.compile:
+        compile_sampling(model, device)
     generator = torch.Generator(device).manual_seed(args.seed * world + rank)
     if args.grid and rank == 0:
         write_grid(model, tok, args, generator, device)
