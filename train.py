@@ -259,19 +259,22 @@ def batches(dataset, local_bs, seed, rank, world, start_step, workers, device):
 class CodeCache(Dataset):
     """RESULTS_DIR/codes/KEY/: codes.npy (N, 2, ...) (each image, then its flip; int32 ids, or
     float16 moments), labels.npy (N,), done.npy (N,) bool, and manifest.json, which says what the
-    codes are of and, last, that they are complete. Entry 2i is image i, 2i + 1 its flip. Read
-    through memory maps: a rank's memory does not grow with the dataset."""
+    codes are of and, last, that they are complete. Entry 2i is image i, 2i + 1 its flip (with
+    flip=False, entry i is image i, unflipped: one cache serves both). Read through memory maps:
+    a rank's memory does not grow with the dataset."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, flip=True):
         self.codes = np.load(os.path.join(folder, 'codes.npy'), mmap_mode='r')
         self.labels = np.load(os.path.join(folder, 'labels.npy'), mmap_mode='r')
+        self.views = 2 if flip else 1  # entries per image
 
     def __len__(self):
-        return 2 * len(self.labels)
+        return self.views * len(self.labels)
 
     def __getitem__(self, i):
-        codes = torch.from_numpy(np.array(self.codes[i // 2, i % 2]))  # a copy, off the map
-        return codes, int(self.labels[i // 2])
+        image, view = divmod(i, self.views)
+        codes = torch.from_numpy(np.array(self.codes[image, view]))  # a copy, off the map
+        return codes, int(self.labels[image])
 
 
 def cache_manifest(tok, data, image_size, codes):
@@ -302,7 +305,7 @@ def extract_codes(tok, data, folder, args, rank, world, device):
             if rank == 0:  # written last: a half-built cache is never taken for a complete one
                 write_manifest(folder, {**want, 'complete': True})
             barrier()
-    return CodeCache(folder)
+    return CodeCache(folder, args.flip)
 
 
 def read_manifest(folder):
@@ -589,7 +592,8 @@ def train_tokenizer(args, module, data, rank, world, device, resume=None):
     total = total_steps(args, data, 1)
 
     def step_fn(x, y, step):
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)  # flip
+        if args.flip:  # half the images mirrored, as the ImageNet recipes do
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
         x = x.float() / 127.5 - 1
         gan = step >= args.disc_start
         with autocast:
@@ -641,25 +645,43 @@ def train_generator(args, module, data, tok, rank, world, device, resume=None):
         return generator_update(forward, state['optimizer'], params, tok.training_input(codes),
                                 labels, args.grad_clip)
 
+    def plain(model):  # the model to sample from: rank 0's plain copy under --fsdp, else None
+        if not args.fsdp:
+            return model
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # {} off rank 0
+        weights = get_model_state_dict(model, options=options)  # every rank gathers
+        if rank != 0:
+            return None
+        model = module.Model(cfg).to(device)
+        model.load_state_dict(weights)
+        return model
+
     def grid_fn(model, x, path):  # 8 samples of each of the first 10 classes
-        if args.fsdp:  # every rank gathers the weights; rank 0 samples from a plain copy
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # {} off rank 0
-            weights = get_model_state_dict(model, options=options)
-            if rank != 0:
-                return
-            model = module.Model(cfg).to(device)
-            model.load_state_dict(weights)
+        model = plain(model)
+        if model is None:
+            return
         labels = torch.arange(min(model.cfg.num_classes, 10), device=device).repeat_interleave(8)
         g = torch.Generator(device).manual_seed(args.seed)
         codes = model.generate(labels, cfg_scale=args.cfg_scale, generator=g)
         with torch.no_grad():
             llamagen.save_grid(tok.decode_code(codes), path, 8)
 
+    score = None
+    if args.eval_every and rank == 0:
+        score = evaluator(args, data, tok, device)
+
+    def eval_fn(model):  # --eval-every: {name: score} of the model's samples on rank 0, else {}
+        model = plain(model)
+        if model is None or score is None:
+            return {}
+        return score(model)
+
     if rank == 0:  # the run keeps its own tokenizer, found wherever the run is moved
         llamagen.save_checkpoint(llamagen.tokenizer_file(tok, args.method),
                                  os.path.join(run, 'tokenizer.pt'))
     tokens = (args.image_size // tok.stride) ** 2  # per image, for the log's tokens/s
-    loop(args, state, meta, codes, step_fn, grid_fn, run, rank, world, device, resume, tokens)
+    loop(args, state, meta, codes, step_fn, grid_fn, run, rank, world, device, resume, tokens,
+         eval_fn=eval_fn if args.eval_every else None)
 
 
 def prepare_generator(model, module, args, device):
@@ -696,23 +718,81 @@ def generator_update(forward, opt, params, x, labels, grad_clip):
     return loss
 
 
+# --- --eval-every: a score of the generator's samples, during training ---------------------------
+EVAL_BATCH = 100  # samples per generate call
+
+
+@torch.no_grad()
+def eval_images(model, tok, labels, args, device):
+    """labels (N,) -> uint8 (N, H, W, 3) samples: model.generate at --cfg-scale, drawn from a
+    generator of their own seeded by --seed (the same noise at every evaluation, and the
+    training's random numbers untouched: a resumed run stays exact)."""
+    g = torch.Generator(device).manual_seed(args.seed)
+    images = []
+    for i in range(0, len(labels), EVAL_BATCH):
+        batch = labels[i:i + EVAL_BATCH].to(device)
+        codes = model.generate(batch, cfg_scale=args.cfg_scale, generator=g)
+        images.append(llamagen.to_uint8(tok.decode_code(codes)).numpy())
+    return np.concatenate(images)
+
+
+def chunks(images, size=50):  # uint8 (N, H, W, 3) -> batches of at most size, for fid.py
+    return [images[i:i + size] for i in range(0, len(images), size)]
+
+
+def evaluator(args, data, tok, device):
+    """--eval-every's score(model) -> {name: value} of --eval-samples class-balanced samples: on
+    the built-in data 'class_acc', fid.py's class accuracy (its classifier cached as
+    RESULTS_DIR/classifier.pt); on an ImageFolder 'fid' against as many training images (evenly
+    spaced over the sorted folder), when the FID Inception weights are found; otherwise None,
+    said once."""
+    import fid  # here: only the evaluation needs fid.py
+    labels = torch.arange(args.eval_samples) % len(data.classes)
+    if not args.data_path:
+        cache = os.path.join(args.results_dir, 'classifier.pt')
+        with cache_lock(cache, 0):  # runs that share a results dir train it once
+            clf = fid.train_classifier(cache=cache)
+
+        def class_acc(model):
+            images = eval_images(model, tok, labels, args, device)
+            return {'class_acc': round(fid.class_accuracy(clf, images, labels), 4)}
+        return class_acc
+    try:
+        net = fid.load_inception(fid.find_weights(), device)
+    except FileNotFoundError as e:
+        print(f'train.py: --eval-every: {fid.first_line(e)}; no FID in this run')
+        return None
+    picks = np.linspace(0, len(data) - 1, args.eval_samples).round().astype(int)
+    real = np.stack([data[int(i)][0].permute(1, 2, 0).numpy() for i in picks])  # (N, H, W, 3)
+    ref = fid.compute_features(net, chunks(real), len(real), desc='eval: training images')
+
+    def fid_score(model):
+        images = eval_images(model, tok, labels, args, device)
+        fake = fid.compute_features(net, chunks(images), len(images), desc='eval: samples')
+        distance = fid.frechet_distance(ref['mu'], ref['sigma'], fake['mu'], fake['sigma'])
+        return {'fid': round(distance, 4)}
+    return fid_score
+
+
 def codes_path(args, tok, data):  # where the codes of this tokenizer, data and size are cached
     key = f'{llamagen.tokenizer_key(tok)}-{data.key}-{args.image_size}'
     return os.path.join(args.results_dir, 'codes', hashlib.sha1(key.encode()).hexdigest()[:12])
 
 
 def total_steps(args, data, per_image):
-    """--max-steps, or --epochs passes over the images (codes hold each image twice: flipped)."""
+    """--max-steps, or --epochs passes over the images (with --flip, codes hold each image
+    twice: per_image 2)."""
     if args.epochs is None:
         return args.max_steps
     return args.epochs * (len(data) // per_image // args.global_batch_size)
 
 
 def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, resume, tokens=1,
-         metrics=dict):
+         metrics=dict, eval_fn=None):
     """The training loop of both stages. state: what is checkpointed (model, optimizers, ...);
     meta: what else the checkpoint says; step_fn(x, y, step) -> loss does one update;
-    grid_fn(model, x, path) draws samples; tokens per image (1: images/s); metrics() -> dict."""
+    grid_fn(model, x, path) draws samples; tokens per image (1: images/s); metrics() -> dict;
+    eval_fn(model) -> {name: score}, every --eval-every steps and at the end (the generator)."""
     ckpt_path = os.path.join(run, 'last.pt')
     model = state['model']
     params = list(model.parameters())
@@ -723,7 +803,7 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
     if resume:
         restore(state, resume)
     step = start = resume['step'] if resume else 0
-    per_image = 2 if meta['stage'] == 'generator' else 1  # codes: each image and its flip
+    per_image = 2 if meta['stage'] == 'generator' and args.flip else 1  # an image and its flip
     total = total_steps(args, data, per_image)
     workers = args.num_workers if args.data_path else 0
     it = batches(data, args.global_batch_size // world, args.seed, rank, world, step, workers,
@@ -750,17 +830,24 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
         bar.update(1)
         log_now = step % args.log_every == 0 or step == total
         save_now = step % args.ckpt_every == 0 or step == total
-        if log_now or save_now:
+        eval_now = eval_fn is not None and (step % args.eval_every == 0 or step == total)
+        if log_now or save_now or eval_now:
             stop_unless_finite(params, step, ckpt_path)
+        scores = {}
+        if eval_now:
+            scores = evaluate(eval_fn, state.get('ema', model), args, rank)
         if log_now:
             seconds = time.time() - t0
             speed = (step - start) * args.global_batch_size * tokens / max(seconds, 1e-9)
             record = {'step': step, 'loss': mean_loss(loss_sum, step, args.log_every, world),
                       'lr': lr, 'elapsed': round(seconds, 1),
-                      'tokens/s' if tokens > 1 else 'images/s': round(speed, 1), **metrics()}
+                      'tokens/s' if tokens > 1 else 'images/s': round(speed, 1), **metrics(),
+                      **scores}
             if rank == 0:
                 log(record, run, bar)
             loss_sum.zero_()
+        elif scores:  # an evaluation between log lines: a record of its own (rank 0's)
+            log({'step': step, **scores}, run, bar)
         # a sharded model's grid: every rank gathers the weights (grid_fn), rank 0 draws
         if (rank == 0 or args.fsdp) and (step % args.sample_every == 0 or step == total):
             with eager(args.compile):
@@ -768,6 +855,13 @@ def loop(args, state, meta, data, step_fn, grid_fn, run, rank, world, device, re
         if save_now:
             save(state, meta, step, args, ckpt_path, rank)
     bar.close()
+
+
+def evaluate(eval_fn, model, args, rank):  # --eval-every's {name: score}: rank 0's, {} elsewhere
+    if rank != 0 and not args.fsdp:  # (a sharded model: every rank gathers its weights)
+        return {}
+    with eager(args.compile):
+        return eval_fn(model)
 
 
 def save(state, meta, step, args, path, rank):  # all gather (full_state), rank 0 writes
@@ -812,31 +906,83 @@ def log(record, run, bar):  # one line on the terminal, the same in log.jsonl, a
     save_curve(os.path.join(run, 'log.jsonl'), os.path.join(run, 'loss.png'))
 
 
+EVAL_KEYS = ('class_acc', 'fid')  # --eval-every's scores in log.jsonl, drawn under the loss
+
+
 def save_curve(log_path, path):
-    """The loss of a log.jsonl as a PNG (PIL only), to compare runs by eye."""
+    """The loss of a log.jsonl as a PNG (PIL only), to compare runs by eye; below it, a panel of
+    its own scale for each --eval-every score the log has."""
     with open(log_path) as f:
-        steps, loss = np.array([(r['step'], r['loss']) for r in map(json.loads, f)]).T
-    lo, hi = loss.min(), loss.max()
-    img = Image.new('RGB', (480, 240), 'white')
+        records = [json.loads(line) for line in f]
+    last = records[-1]['step']
+    keys = ['loss'] + [k for k in EVAL_KEYS if any(k in r for r in records)]
+    img = Image.new('RGB', (480, 240 * len(keys)), 'white')
     d = ImageDraw.Draw(img)
-    points = [(50 + 420 * s / steps[-1], 225 - 200 * (v - lo) / max(hi - lo, 1e-12))
-              for s, v in zip(steps, loss)]
-    d.line(points, fill=(200, 30, 30), width=2)
-    d.text((2, 20), f'{hi:.4g}', fill='black')
-    d.text((2, 220), f'{lo:.4g}', fill='black')
-    d.text((380, 228), f'step {steps[-1]:.0f}', fill='black')
+    for i, key in enumerate(keys):
+        steps, values = np.array([(r['step'], r[key]) for r in records if key in r]).T
+        draw_series(d, 240 * i, steps, values, last, key)
     img.save(path)
 
 
+def draw_series(d, top, steps, values, last, key):
+    """values (n,) at steps (n,) as a line in the 480x240 panel at height top (x: step 0..last);
+    a score (not the loss) named and its points marked: evaluations are few."""
+    lo, hi = values.min(), values.max()
+    points = [(50 + 420 * s / last, top + 225 - 200 * (v - lo) / max(hi - lo, 1e-12))
+              for s, v in zip(steps, values)]
+    colour = (200, 30, 30)
+    if key != 'loss':
+        colour = (30, 80, 200)
+        d.line([(0, top), (480, top)], fill=(190, 190, 190))  # the panels' border
+        d.text((50, top + 4), key, fill=colour)
+        for x, y in points:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    d.line(points, fill=colour, width=2)
+    d.text((2, top + 20), f'{hi:.4g}', fill='black')
+    d.text((2, top + 220), f'{lo:.4g}', fill='black')
+    d.text((380, top + 228), f'step {last:.0f}', fill='black')
+
+
 # --- the tokenizer a generator trains on --------------------------------------------------------
+# the default tokenizer: the paper's from this many images and pixels on (its grid at least 8x8
+# at stride 16); below, the tiny one, given more downsampling levels to keep its grid to 16x16
+PAPER_TOKENIZER_FROM = dict(images=50000, image_size=128)
+TINY_GRID = 16
+
+
+def choose_tokenizer(module, args, n_images):
+    """-> (size name, config field overrides, a line saying why): the tokenizer that suits the
+    data (PAPER_TOKENIZER_FROM). The tiny one's stride is 4 (32 px: 8x8 tokens), doubled by a
+    level of the widest width until the grid is at most TINY_GRID square."""
+    sizes = module.TOKENIZER_SIZES
+    paper, tiny = next(iter(sizes)), tiny_size(sizes)
+    big = PAPER_TOKENIZER_FROM
+    if n_images >= big['images'] and args.image_size >= big['image_size']:
+        return paper, {}, (f'default tokenizer: {paper}, the paper\'s ({n_images} images at '
+                            f'{args.image_size} px)')
+    mult = list(sizes[tiny]['encoder_ch_mult'])
+    while args.image_size // 2 ** (len(mult) - 1) > TINY_GRID:
+        mult.append(mult[-1])
+    grid = args.image_size // 2 ** (len(mult) - 1)
+    why = (f'default tokenizer: {tiny} at stride {2 ** (len(mult) - 1)}, a {grid}x{grid} token '
+           f'grid ({n_images} images at {args.image_size} px; the paper\'s {paper} from '
+           f'{big["images"]} images at {big["image_size"]} px); --tokenizer FILE for another')
+    return tiny, {'encoder_ch_mult': tuple(mult), 'decoder_ch_mult': tuple(mult)}, why
+
+
 def default_tokenizer(args, module, data, rank, world, device):
-    """The method's default tokenizer for this dataset (its paper size on an ImageFolder, its tiny
-    size on the built-in data), trained once and cached under RESULTS_DIR/tokenizers."""
+    """The method's default tokenizer for this dataset (choose_tokenizer), trained once and
+    cached under RESULTS_DIR/tokenizers."""
     defaults = {**STAGE_DEFAULTS['tokenizer'], **module.CLASSROOM.get('tokenizer', {})}
     targs = argparse.Namespace(**{**vars(args), **defaults, 'stage': 'tokenizer', 'resume': None,
                                   'epochs': None, 'ema': 0.0, **dict.fromkeys(RUNTIME, False)})
     sizes = module.TOKENIZER_SIZES
-    targs.model = next(iter(sizes)) if args.data_path else tiny_size(sizes)
+    targs.model, levels, why = choose_tokenizer(module, args, len(data))
+    if rank == 0:
+        print(why)
+    for name, value in levels.items():  # unless given as flags
+        if getattr(targs, name, None) is None:
+            setattr(targs, name, value)
     cfg = config_from(module.TokenizerConfig, targs, sizes[targs.model])
     with torch.device('meta'):  # its stride, before minutes of training (no memory, no init)
         stride = module.Tokenizer(cfg).stride
@@ -878,9 +1024,9 @@ def parse_bool(s):
 RUNTIME = ('fsdp', 'grad_checkpoint', 'compile')
 # flags a resumed run may change; every other flag is the run's own
 RESUME_OVERRIDES = ('max_steps', 'epochs', 'log_every', 'sample_every', 'ckpt_every', 'num_workers',
-                    'cfg_scale', 'results_dir') + RUNTIME
+                    'cfg_scale', 'results_dir', 'eval_every', 'eval_samples') + RUNTIME
 POSITIVE = ('num_images', 'image_size', 'global_batch_size', 'log_every', 'sample_every',
-            'ckpt_every', 'max_steps', 'epochs')  # flags that must be > 0 when given
+            'ckpt_every', 'max_steps', 'epochs', 'eval_every', 'eval_samples')  # > 0 when given
 
 
 def parse_args(argv=None):
@@ -908,6 +1054,9 @@ def parse_args(argv=None):
     p.add_argument('--num-images', type=int, default=10000, help='size of the built-in dataset')
     p.add_argument('--image-size', type=int, default=32)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
+                   help='train on mirrored images too, as the ImageNet recipes do; --no-flip '
+                        'for data that is not mirror-symmetric (digits, letters)')
     p.add_argument('--end-lr', type=float, default=1e-5, help='floor of the cosine schedule')
     p.add_argument('--weight-decay', type=float, default=0.05)
     p.add_argument('--ema', type=float, default=0.0, help='EMA decay (0: none)')
@@ -923,6 +1072,13 @@ def parse_args(argv=None):
     p.add_argument('--log-every', type=int, default=100)
     p.add_argument('--sample-every', type=int, default=1000)
     p.add_argument('--ckpt-every', type=int, default=1000)
+    p.add_argument('--eval-every', type=int,
+                   help='generator stage: every N steps and at the end, score --eval-samples '
+                        'samples (at --cfg-scale) into log.jsonl and loss.png: class accuracy '
+                        '(built-in data), FID against training images (ImageFolder, when the '
+                        'FID Inception weights are found)')
+    p.add_argument('--eval-samples', type=int, default=200,
+                   help='--eval-every: class-balanced samples per evaluation')
     p.add_argument('--fsdp', action='store_true',
                    help='generator stage, under torchrun: shard the weights, gradients and AdamW '
                         'state over the processes (FSDP2, per block; bf16 on GPU); checkpoints '
@@ -1029,6 +1185,10 @@ def check_args(args):
     if args.stage == 'tokenizer' and used:
         raise SystemExit(f'train.py: --{used[0].replace("_", "-")} is for the generator stage; '
                          'the tokenizer stage trains with DDP')
+    if args.stage == 'tokenizer' and args.eval_every:
+        raise SystemExit('train.py: --eval-every scores samples: it is for the generator stage')
+    if args.eval_every and args.data_path and args.eval_samples < 2:
+        raise SystemExit(f'train.py: --eval-samples {args.eval_samples}: FID needs at least 2')
     if args.fsdp and 'RANK' not in os.environ:
         raise SystemExit('train.py: --fsdp shards over the processes of torchrun: run under '
                          'torchrun --nproc_per_node=N, or leave --fsdp out')

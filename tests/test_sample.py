@@ -4,6 +4,7 @@
 anything, writing its .npz (and the per-rank parts) atomically."""
 import errno
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -322,3 +323,23 @@ def test_out_without_npz_extension_still_gets_one(run, tmp_path):
     npz(run, tmp_path / 'samples')  # np.savez appends .npz to a name: the old behaviour, kept
     assert sorted(os.listdir(tmp_path)) == ['samples.npz']
     assert np.load(tmp_path / 'samples.npz')['arr_0'].shape == (3, 16, 16, 3)
+
+
+def test_the_progress_bar_counts_the_images_of_every_rank(run, tmp_path, capsys):
+    """--num-samples: rank 0's bar counts all ranks' images (each batch times the world size);
+    the other ranks show none. Two ranks in turn: rank 1 writes its part, rank 0 joins them."""
+    out = tmp_path / 's.npz'
+    args, ckpt = sample.parse_args(['--ckpt', run, '--num-samples', '5', '--batch-size', '2',
+                                    '--out', str(out), '--precision', 'fp32'])
+    model, tok = sample.load(args, ckpt)
+    model.eval()
+    tok.eval()
+    errs = []
+    for rank in (1, 0):  # 2 ranks x 2 batches of 2: 8 images, the first 5 kept
+        generator = torch.Generator().manual_seed(rank)
+        sample.write_npz(model, tok, args, generator, rank, 2, torch.device('cpu'))
+        errs.append(capsys.readouterr().err)
+    assert errs[0] == ''
+    last = errs[1].split('\r')[-1]  # the bar's final state
+    assert re.match(r'sampling: 100%\|.*\| 8/8 \[\d\d:\d\d<00:00, +[\d.]+(img/s|s/img)\]', last)
+    assert np.load(out)['arr_0'].shape == (5, 16, 16, 3)

@@ -209,3 +209,56 @@ def test_a_moved_run_samples_from_any_working_directory(tok, tmp_path, monkeypat
     sample.main(['--ckpt', ckpt, '--grid', 'g.png', '--classes', '0', '--per-class', '2'])
     assert Image.open('g.png').size == (2 * 18 + 2, 18 + 2)
     assert torch.load(ckpt, weights_only=True)['tokenizer'] == 'tokenizer.pt'
+
+
+@pytest.mark.parametrize('method, n, size, name, stride', [
+    ('llamagen', 10000, 32, 'VQ-tiny', 4),  # the classroom run: 8x8 tokens
+    ('llamagen', 1400, 32, 'VQ-tiny', 4),  # a small folder of the user's own
+    ('llamagen', 1400, 128, 'VQ-tiny', 8),  # more levels: 16x16 tokens, not 32x32
+    ('llamagen', 1281167, 256, 'VQ-16', 16),  # ImageNet: the paper's
+    ('llamagen', 1281167, 64, 'VQ-tiny', 4),  # the paper's grid would be 4x4
+    ('mar', 1400, 256, 'KL-tiny', 16),
+    ('iar2', 100000, 256, 'IAR2-VQ-16', 16),
+    ('rar', 1000, 64, 'VQ-tiny', 4),
+])
+def test_default_tokenizer_follows_the_data(method, n, size, name, stride):
+    module = __import__(method)
+    args = train.parse_args(['--method', method, '--image-size', str(size)])[0]
+    chosen, levels, why = train.choose_tokenizer(module, args, n)
+    args.model = chosen
+    for k, v in levels.items():
+        setattr(args, k, v)
+    cfg = train.config_from(module.TokenizerConfig, args, module.TOKENIZER_SIZES[chosen])
+    with torch.device('meta'):
+        tok = module.Tokenizer(cfg)
+    assert (chosen, tok.stride) == (name, stride)
+    assert why.startswith(f'default tokenizer: {name}') and '\n' not in why
+    assert size // stride <= 16
+
+
+def test_no_flip_trains_on_the_images_as_they_are(tok, tmp_path):
+    """--no-flip: the cache's unflipped codes only (half the entries), and the tokenizer stage
+    sees no mirrored image."""
+    codes = train.CodeCache
+    run = tmp_path / 'gen'
+    train.main(GEN + ['--tokenizer', tok, '--max-steps', '2', '--run-dir', str(run),
+                      '--results-dir', str(tmp_path), '--no-flip'])
+    folder = next(p for p in (tmp_path / 'codes').iterdir() if p.is_dir())
+    both, plain = codes(folder), codes(folder, flip=False)
+    assert len(both) == 2 * len(plain) == 128
+    assert all(torch.equal(plain[i][0], both[2 * i][0]) for i in range(len(plain)))
+    assert not torch.equal(plain[1][0], both[1][0])  # image 1, not image 0's mirror
+    assert torch.load(run / 'last.pt', weights_only=False)['args']['flip'] is False
+    seen = []
+    real_where = torch.where
+
+    def spy(cond, *a):  # the tokenizer's flip is the one torch.where of a (B, 1, 1, 1) mask
+        seen.append(tuple(cond.shape))
+        return real_where(cond, *a)
+    torch.where = spy
+    try:
+        train.main(TOK + ['--run-dir', str(tmp_path / 'tok'), '--results-dir', str(tmp_path),
+                          '--no-flip', '--max-steps', '1'])
+    finally:
+        torch.where = real_where
+    assert (4, 1, 1, 1) not in seen and (8, 1, 1, 1) not in seen
