@@ -899,7 +899,8 @@ def tokenizer_seconds(method, out):
     folder = os.path.join(out, 'tokenizers')
     if not os.path.isdir(folder):
         return float('nan')
-    runs = sorted(d for d in os.listdir(folder) if d.startswith(name + '-'))
+    runs = sorted(d for d in os.listdir(folder)  # (not their .lock files)
+                  if d.startswith(name + '-') and os.path.isdir(os.path.join(folder, d)))
     if not runs:
         return float('nan')
     return last_log(os.path.join(folder, runs[-1]))['elapsed']
@@ -925,8 +926,8 @@ def train_run(method, out, max_steps):
 
 def table_row(method, out, max_steps, num_samples, clf, net):
     """Train (unless done), benchmark, sample and score one method -> the table's row, a dict."""
-    t0 = time.time()
     train_wall = train_run(method, out, max_steps)
+    t0 = time.time()  # the evaluation's seconds: benchmark, sampling and scoring
     run_dir = os.path.join(out, f'{method}-generator')
     ckpt = os.path.join(run_dir, 'last.pt')
     rec = last_log(run_dir)  # the generator stage's last log line: loss, tokens/s, elapsed

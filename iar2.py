@@ -17,6 +17,8 @@ Changes vs llamagen.py / vq.py:
     loss w1 * CE_sem + CE_det
   - generate: backbone step, semantic and detail sub-steps, progressive attention-guided CFG
 Train (classroom, built-in data, CPU): python train.py --method iar2   (paper commands: README)
+  (what the classroom run changes from the paper, each with the measurement behind it:
+  TokenizerConfig.first_stage_frac and CLASSROOM)
 Shapes: B batch, T positions, C width, H heads, D head dim, h*w = L grid, V / V2 semantic / detail
 codes.
 """
@@ -39,8 +41,10 @@ class TokenizerConfig(vq.VQConfig):
     codebook_size: int = 256  # semantic codebook V (official: hard-coded 256)
     codebook_size_second: int = 4096  # detail codebook V2 (official 4096)
     # share of the steps in stage 1 (semantic only), then stage 2 in the same run (0: stage 2 only,
-    # 1: stage 1 only). Officially two runs, stage 2 resuming stage 1. Ours: 0.5
-    first_stage_frac: float = 0.5
+    # 1: stage 1 only). Officially two runs, stage 2 resuming stage 1, lengths unpublished. Ours:
+    # 0.25. Classroom, 400 steps: the reconstructions of 500 held-out images classify at 0.986 with
+    # 0.25, 0.916 with 0.5 (purple gradients come out blue: stage 2's detail codes had 200 steps)
+    first_stage_frac: float = 0.25
 
 
 TOKENIZER_SIZES = {
@@ -152,7 +156,9 @@ SIZES = {  # the official LlamaGen widths and depths + 5 head blocks
     'IAR2-XXL': dict(n_layer=48, n_head=24, dim=1536),  # 1.57B
 }
 
-CLASSROOM = {}  # train.py's shared defaults suit IAR2: nothing to change
+# train.py's defaults for the classroom run, but a cosine LR down to 1e-5 over the 800 generator
+# steps (500 samples: class accuracy 0.88 with it, 0.86 without, on one tokenizer)
+CLASSROOM = {'generator': dict(lr_schedule='cosine')}
 
 # sample.py --official: the paper's FID settings per released model (codes at 384 px)
 PAPER = {

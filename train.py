@@ -59,7 +59,7 @@ STAGE_DEFAULTS = {
     'tokenizer': dict(lr=1e-3, global_batch_size=32, max_steps=400, warmup_steps=0,
                       lr_schedule='constant'),
     'generator': dict(lr=1e-3, global_batch_size=64, max_steps=800, warmup_steps=100,
-                      lr_schedule='constant'),
+                      lr_schedule='constant', cfg_scale=2.0),
 }
 
 
@@ -964,8 +964,8 @@ def choose_tokenizer(module, args, n_images):
     while args.image_size // 2 ** (len(mult) - 1) > TINY_GRID:
         mult.append(mult[-1])
     grid = args.image_size // 2 ** (len(mult) - 1)
-    why = (f'default tokenizer: {tiny} at stride {2 ** (len(mult) - 1)}, a {grid}x{grid} token '
-           f'grid ({n_images} images at {args.image_size} px; the paper\'s {paper} from '
+    why = (f'default tokenizer: {tiny} at stride {2 ** (len(mult) - 1)}, {grid}x{grid} tokens '
+           f'({n_images} images at {args.image_size} px; the paper\'s {paper} from '
            f'{big["images"]} images at {big["image_size"]} px); --tokenizer FILE for another')
     return tiny, {'encoder_ch_mult': tuple(mult), 'decoder_ch_mult': tuple(mult)}, why
 
@@ -1045,7 +1045,7 @@ def parse_args(argv=None):
     p.add_argument('--resume', help='RUN/last.pt: continue that run exactly, with its own flags '
                                     '(only ' + ', '.join(RESUME_OVERRIDES) + ' may change)')
     p.add_argument('--lr-schedule', choices=('constant', 'cosine'),
-                   help='default: constant (MAR classroom: cosine)')
+                   help='default: constant (MAR and IAR2 classroom: cosine)')
     for name, kind in (('epochs', int), ('max-steps', int), ('global-batch-size', int),
                        ('lr', float), ('warmup-steps', int)):
         p.add_argument('--' + name, type=kind,
@@ -1066,7 +1066,8 @@ def parse_args(argv=None):
     p.add_argument('--grad-clip', type=float, default=1.0, help='MAR: 3.0')
     p.add_argument('--lpips', default='', help='tokenizer: perceptual loss from '
                    'VGG16.pth,LPIPS_VGG.pth (torchvision and LPIPS weights)')
-    p.add_argument('--cfg-scale', type=float, default=2.0, help='for the sample grids')
+    p.add_argument('--cfg-scale', type=float, help='for the sample grids, --eval-every and, by '
+                   'default, sample.py (default: 2.0; MAR classroom: 3.0)')
     p.add_argument('--num-workers', type=int, default=min(8, os.cpu_count() or 1),
                    help='processes loading images (ImageFolder; default: up to 8, the cores)')
     p.add_argument('--log-every', type=int, default=100)

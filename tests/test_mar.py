@@ -305,6 +305,7 @@ def test_attention_is_timms_formula():  # softmax(q k^T / sqrt(D)) v over every 
 def test_classroom_run_decays_the_lr_and_scales_the_embeddings():
     args, _, _ = train.parse_args(['--method', 'mar'])  # mar.CLASSROOM over the stage defaults
     assert (args.max_steps, args.lr_schedule, args.lr) == (4000, 'cosine', 1e-3)
+    assert args.cfg_scale == 3.0 and train.parse_args([])[0].cfg_scale == 2.0  # grids, sample.py
     constant = train.parse_args(['--method', 'mar', '--lr-schedule', 'constant'])[0]
     assert constant.lr_schedule == 'constant'  # flags over both
     assert train.parse_args(['--method', 'llamagen'])[0].lr_schedule == 'constant'

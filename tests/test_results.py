@@ -98,6 +98,11 @@ def test_results_table(tmp_path, clf, monkeypatch, capsys):
     def no_weights(path=None):
         raise FileNotFoundError('no weights')
     monkeypatch.setattr(fid, 'find_weights', no_weights)  # FID: n/a
+    tokenizers = os.path.join(out, 'tokenizers')  # the default VQ's run, and its lock file
+    os.makedirs(os.path.join(tokenizers, 'VQModel-builtin-32px-0123'))
+    with open(os.path.join(tokenizers, 'VQModel-builtin-32px-0123', 'log.jsonl'), 'w') as f:
+        f.write(json.dumps({'loss': 0.1, 'elapsed': 42.0}) + '\n')
+    open(os.path.join(tokenizers, 'VQModel-builtin-32px-0123.lock'), 'w').close()
     fid.main(['--results-table', '--methods', 'llamagen', 'mar', '--max-steps', '3',
               '--num-samples', '20', '--out', out])
     ckpt = os.path.join(out, 'llamagen-generator', 'last.pt')
@@ -114,7 +119,7 @@ def test_results_table(tmp_path, clf, monkeypatch, capsys):
     assert lines[2].startswith('| method | final loss | train tokens/s | tokenizer s | generator s')
     assert lines[3].startswith('|---|')
     row = lines[4].split(' | ')
-    assert row[:3] == ['| llamagen', '1.250', '5000'] and row[3:5] == ['nan', '100']
+    assert row[:3] == ['| llamagen', '1.250', '5000'] and row[3:5] == ['42', '100']
     assert row[6:11] == ['59.4', '64', f'{acc:.3f}', f'{div:.2f}', 'n/a']
     assert lines[5].startswith('| mar | 1.250 |')
     # a finished run is not trained again
