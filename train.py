@@ -1307,7 +1307,8 @@ def main(argv=None):
             raise SystemExit(f'train.py: --image-size {args.image_size} is not divisible by the '
                              f'tokenizer stride {tok.stride}')
         train_generator(args, module, data, tok, rank, world, device, resume)
-    if dist.is_initialized():  # cleanup
+    if dist.is_initialized():  # cleanup, together: a rank that leaves while another still
+        dist.barrier()  # writes its files can abort in gloo's teardown
         dist.destroy_process_group()
 
 
