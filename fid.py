@@ -829,6 +829,7 @@ def diversity(clf, images, labels, real, real_labels):
     return torch.stack(ratios).mean().item()
 
 
+@functools.lru_cache(maxsize=4)  # rendered once for all the rows of a sweep or a table
 def real_images(n, size, seed=54321):  # built-in images that neither the classifier nor a
     import train  # generator saw (seeds 12345 and 0); here: only the classifier needs them
     return train.builtin_images(n, size, seed)
