@@ -146,11 +146,10 @@ def discretized_gaussian_nll(x, mean, logvar):
 
 class Diffusion:
     """Schedules for the steps k = 0..n-1 (all T, or a respaced subset). The network is always
-    called with the ORIGINAL step timestep_map[k]. Plain tensors, not buffers: no state-dict
-    entries."""
-    def __init__(self, betas, timestep_map):
-        # numpy float64, then CPU tensors (also under a meta default device)
-        alpha = 1.0 - betas
+    called with the ORIGINAL step timestep_map[k]. Plain tensors on one device, not buffers: no
+    state-dict entries (DiffLoss.schedule keeps one per device)."""
+    def __init__(self, betas, timestep_map, device='cpu'):
+        alpha = 1.0 - betas  # numpy float64, as the original
         ac = np.cumprod(alpha)  # abar_k
         ac_prev = np.append(1.0, ac[:-1])
         # the posterior q(x_{k-1} | x_k, x0) = N(c1 x0 + c2 x_k, var)
@@ -165,14 +164,15 @@ class Diffusion:
             post_c1=betas * np.sqrt(ac_prev) / (1 - ac),
             post_c2=(1 - ac_prev) * np.sqrt(alpha) / (1 - ac),
         )
-        for name, a in arrays.items():
-            setattr(self, name, torch.from_numpy(a))
+        for name, a in arrays.items():  # float32 as used, cast on the CPU (MPS has no float64)
+            setattr(self, name, torch.from_numpy(a).float().to(device))
         self.num_timesteps = len(betas)
-        self.timestep_map = torch.from_numpy(timestep_map).long()
+        self.timestep_map = torch.from_numpy(timestep_map).long().to(device)
 
     def at(self, a, k, x):
-        """a[k] as float32 (N, 1) on x's device (indexed in float64 on the CPU)."""
-        return a[k.cpu()].to(x.device, torch.float32)[:, None]
+        """a[k] (N, 1) for steps k (N,), on the device: no copy and no host sync per step (the
+        original indexes a float64 table and casts; the same numbers)."""
+        return a[k][:, None]
 
     def q_sample(self, x0, k, noise):  # x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps
         return self.at(self.sqrt_ac, k, x0) * x0 + self.at(self.sqrt_1m_ac, k, x0) * noise
@@ -223,47 +223,67 @@ class DiffLoss(nn.Module):
         self.clip = clip_denoised
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
         self.betas = cosine_betas(T)
-        self.train_diffusion = Diffusion(self.betas, np.arange(T))
-        self.gen_diffusion = {}  # respaced schedules by number of steps, built on first use
+        self.schedules = {}  # (steps, device) -> Diffusion, built on first use
+        self.compiled_step = None  # compile_sampling(): torch.compile(self.p_sample)
+
+    def schedule(self, n, device):
+        """The Diffusion of n respaced steps on device; n = T: the training one, unrespaced."""
+        key = (n, str(device))
+        if key not in self.schedules:
+            T = len(self.betas)
+            betas, kept = (self.betas, np.arange(T)) if n == T else respace(self.betas, n)
+            self.schedules[key] = Diffusion(betas, kept, device)
+        return self.schedules[key]
 
     def forward(self, target, z):
         """-> scalar, the mean over rows of a random step each."""
-        N = len(target)
-        k = torch.randint(0, self.train_diffusion.num_timesteps, (N,), device=target.device)
+        d = self.schedule(len(self.betas), target.device)
+        k = torch.randint(0, d.num_timesteps, (len(target),), device=target.device)
         noise = torch.randn_like(target)
-        return self.train_diffusion.training_losses(self.net, target, k, z, noise).mean()
+        return d.training_losses(self.net, target, k, z, noise).mean()
 
     @torch.no_grad()
     def sample(self, z, temperature=1.0, cfg=1.0, num_steps=0, generator=None, trace=None):
         """z (N, Cz), or (2N, Cz) = [cond; uncond] when guided -> x0 (N, C). Ancestral sampling
-        over num_steps respaced steps (0: the default):
-        x_{k-1} = mean + [k > 0] exp(logvar / 2) temperature n.
+        over num_steps respaced steps (0: the default), each one p_sample call (compiled after
+        compile_sampling), its noise drawn here from generator.
         trace: called after every step with x_{k-1} (N, C) (after the last: x0, the sample).
-        CFG (official): eps = eps_u + cfg (eps_c - eps_u); the variance stays the conditional one.
         Why clip_denoised: at k = T-1, abar = 2.4e-9 and x0_hat = (x_k - eps_hat) / 4.9e-5, so an
         eps error of 1e-3 is a jump of ~20 in x0_hat: a trained head copes, a briefly trained one
         explodes."""
-        n = num_steps or self.num_sampling_steps
-        if n not in self.gen_diffusion:
-            self.gen_diffusion[n] = Diffusion(*respace(self.betas, n))
-        d = self.gen_diffusion[n]
-        guided = llamagen.guided(cfg)
-        N = len(z) // 2 if guided else len(z)
+        d = self.schedule(num_steps or self.num_sampling_steps, z.device)
+        N = len(z) // 2 if llamagen.guided(cfg) else len(z)
+        cfg = torch.tensor(cfg, device=z.device)  # a tensor: a new scale does not recompile
+        step = self.compiled_step or self.p_sample
         # x_T ~ N(0, I), fp32 throughout
         x = torch.randn(N, self.in_channels, device=z.device, generator=generator)
-        for k in reversed(range(n)):
-            kk = torch.full((N,), k, dtype=torch.long, device=z.device)
-            t = d.timestep_map.to(z.device)[kk]
-            if guided:  # both halves from the same x, the unconditional half only guides eps
-                out = self.net(torch.cat([x, x]), torch.cat([t, t]), z)
-                eps_c, v = out[:N].chunk(2, dim=1)
-                eps_u, _ = out[N:].chunk(2, dim=1)
-                out = torch.cat([eps_u + cfg * (eps_c - eps_u), v], dim=1)
-            else:
-                out = self.net(x, t, z)
-            mean, logvar = d.p_mean_logvar(out.float(), x, kk, self.clip)
+        for k in reversed(range(d.num_timesteps)):
             noise = torch.randn(x.shape, device=x.device, generator=generator) * temperature
-            x = mean + (k > 0) * torch.exp(0.5 * logvar) * noise
+            kk = torch.full((N,), k, dtype=torch.long, device=z.device)
+            x = step(d, x, kk, z, cfg, noise, k > 0)
+            if step is self.compiled_step:  # a copy: a CUDA graph's next replay overwrites it
+                x = x.clone()
             if trace is not None:
                 trace(x)
         return x
+
+    def p_sample(self, d, x, k, z, cfg, noise, nonzero):
+        """One reverse step of schedule d: x_k (N, C) at steps k (N,) -> x_{k-1} =
+        mean + [k > 0] exp(logvar / 2) noise. Guided (z has 2N rows), official: eps = eps_u +
+        cfg (eps_c - eps_u), the variance the conditional one."""
+        t = d.timestep_map[k]  # (N,) the original steps, the network's input
+        if len(z) > len(x):  # both halves from the same x, the unconditional half only guides eps
+            out = self.net(torch.cat([x, x]), torch.cat([t, t]), z)
+            eps_c, v = out[:len(x)].chunk(2, dim=1)
+            eps_u, _ = out[len(x):].chunk(2, dim=1)
+            out = torch.cat([eps_u + cfg * (eps_c - eps_u), v], dim=1)
+        else:
+            out = self.net(x, t, z)
+        mean, logvar = d.p_mean_logvar(out.float(), x, k, self.clip)
+        return mean + nonzero * torch.exp(0.5 * logvar) * noise
+
+    def compile_sampling(self, mode=None, backend='inductor'):
+        """sample's steps through torch.compile(self.p_sample): one graph per number of rows
+        (MAR's tokens per iteration, a handful of values), k > 0 and k = 0; mode='reduce-overhead'
+        replays each as a CUDA graph."""
+        self.compiled_step = torch.compile(self.p_sample, mode=mode, backend=backend)

@@ -291,29 +291,31 @@ class Model(llamagen.Model):
         return (logits_sem, logits_det), self.cfg.w1 * ce_sem + ce_det
 
     # --- generation -----------------------------------------------------------------------------
-    def backbone_step(self, x, start, mask, B):
+    def decode(self, x, start, mask, B):
         """One cached backbone call: x (kB, T, C) at positions start..start+T-1, mask the full
         (S, S) mask -> pre-norm states (kB, T, C), and the head-mean attention (B,) of the last
         layer's newest query to the class token (key 0), for the first B rows (the conditional
-        half)."""
-        self.nfe += 1
-        end = start + x.shape[1]
-        freqs, mask = self.rope(x.device)[start:end], mask[start:end, :end]
+        half). start an int, or a 0-d long tensor when compiled (llamagen.query_rows)."""
+        pos = start + torch.arange(x.shape[1], device=x.device)  # (T,)
+        freqs = self.rope(x.device).index_select(0, pos)
+        rows = llamagen.query_rows(mask, start, x.shape[1])
         for layer in self.layers[:-1]:
-            x = layer(x, freqs, start, mask)
+            x = layer(x, freqs, start, rows)
         last = self.layers[-1]
         normed = last.attention_norm(x)  # the last attention's input, for its class attention
-        h = last(x, freqs, start, mask)  # writes the keys that cls_attention reads
-        return h, self.cls_attention(normed[:B, -1:], freqs[-1:], end)
+        h = last(x, freqs, start, rows)  # writes the keys that cls_attention reads
+        return h, self.cls_attention(normed[:B, -1:], freqs[-1:], rows[-1:])
 
-    def cls_attention(self, x, freqs, end):
+    def cls_attention(self, x, freqs, visible):
         """x (B, 1, C) the last layer's normed input of one query, freqs (1, D/2, 2) its RoPE row,
-        end its position + 1 -> (B,) head-mean attention to the class token (key 0)."""
+        visible (1, S') its mask row over the first S' cached keys -> (B,) head-mean attention to
+        the class token (key 0)."""
         attn, B = self.layers[-1].attention, len(x)
         q = attn.wqkv(x)[..., :self.cfg.dim].view(B, 1, attn.n_head, attn.head_dim)
         q = llamagen.apply_rope(q, freqs).transpose(1, 2)  # (B, H, 1, D)
-        k = attn.kv_cache[0][:B, :, :end]  # (B, H, end, D): the cached keys up to this query
-        probs = (q @ k.transpose(2, 3) / attn.head_dim ** 0.5).softmax(-1)  # (B, H, 1, end)
+        k = attn.kv_cache[0][:B, :, :visible.shape[1]]  # (B, H, S', D)
+        scores = q @ k.transpose(2, 3) / attn.head_dim ** 0.5  # (B, H, 1, S')
+        probs = scores.masked_fill(~visible, -float('inf')).softmax(-1)
         return probs[:, :, 0, 0].mean(1)
 
     @torch.inference_mode()
@@ -345,7 +347,7 @@ class Model(llamagen.Model):
             with llamagen.kv_caches(self.factorized_blocks, kB, 3, dtype, device):
                 x = self.cls_embedding(cond)  # (kB, P, C)
                 for n in range(L):
-                    h, attn = self.backbone_step(x, 0 if n == 0 else P + n - 1, mask, B)
+                    h, attn = llamagen.decode_call(self, x, 0 if n == 0 else P + n - 1, mask, B)
                     h = h[:, -1:]  # (kB, 1, C) predicts pair n
                     hs[:, n] = h[:, 0]
                     # semantic sub-step: head slots 0, 1 = [context, h]

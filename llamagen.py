@@ -38,6 +38,7 @@ Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token g
 """
 import argparse
 import errno
+import functools
 import hashlib
 import http.client
 import math
@@ -146,11 +147,10 @@ def apply_rope(x, freqs):
 
 def attend(q, k, v, cache=None, start=0, mask=None, dropout_p=0.0):
     """q, k, v (B, H, T, D) -> (B, H, T, D). With a cache (k, v each (B, H, S, D)) the new keys and
-    values are written at positions start..start+T-1 and the queries see the first start+T cached
-    ones through mask (T, start+T). Without a cache and mask: plain causal attention.
-    start a 0-d long tensor: the static-shape step of compiled sampling (Model.step): the queries
-    see the whole cache (B, H, S, D) through mask (T, S), whose False entries (the positions not
-    written yet) weigh exactly 0 after the softmax, so every step has the same shapes."""
+    values are written at positions start..start+T-1 and the queries see the cache through mask
+    rows (query_rows): an int start (eager) the first start+T positions, a 0-d long tensor start
+    (compiled sampling) all S, the unwritten ones masked. Without a cache and mask: plain causal
+    attention."""
     if cache is not None and torch.is_tensor(start):
         pos = start + torch.arange(q.shape[2], device=q.device)  # (T,) cache positions
         cache[0].index_copy_(2, pos, k)
@@ -163,6 +163,16 @@ def attend(q, k, v, cache=None, start=0, mask=None, dropout_p=0.0):
         k, v = cache[0][:, :, :end], cache[1][:, :, :end]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=mask is None)
+
+
+def query_rows(mask, start, T):
+    """The rows of the full (S, S) mask for queries at positions start..start+T-1: (T, start+T)
+    for an int start, the cache sliced to the positions written (eager); (T, S) for a 0-d tensor
+    start, the whole cache, whose unwritten positions weigh exactly 0 after the softmax, so that
+    every step has the same shapes (compiled sampling)."""
+    if torch.is_tensor(start):
+        return mask.index_select(0, start + torch.arange(T, device=mask.device))
+    return mask[start:start + T, :start + T]
 
 
 class RMSNorm(nn.Module):
@@ -291,8 +301,13 @@ def kv_caches(module, batch, length, dtype, device):
     layers = [m for m in module.modules() if hasattr(m, 'kv_cache')]
     for attn in layers:
         shape = (batch, attn.n_head, length, attn.head_dim)
-        k = torch.zeros(shape, dtype=dtype, device=device)
-        attn.kv_cache = (k, torch.zeros_like(k))
+        attn.kv_cache = (torch.zeros(shape, dtype=dtype, device=device),
+                         torch.zeros(shape, dtype=dtype, device=device))
+        # static addresses for torch.compile (nothing eagerly): CUDA graphs keep the in-place
+        # writes rather than skip the graph for mutated inputs; guard=False: new caches do not
+        # recompile
+        for t in attn.kv_cache:
+            torch._dynamo.mark_static_address(t, guard=False)
     try:
         yield
     finally:
@@ -300,14 +315,25 @@ def kv_caches(module, batch, length, dtype, device):
             attn.kv_cache = None
 
 
-def static_caches(module):
-    """Mark the kv_caches() tensors inside module as static addresses for torch.compile, so that
-    CUDA graphs (mode='reduce-overhead') may keep their in-place writes rather than skip the graph
-    for mutated inputs (not yet run on a GPU). guard=False: new caches do not recompile."""
-    for attn in module.modules():
-        if getattr(attn, 'kv_cache', None) is not None:
-            for t in attn.kv_cache:
-                torch._dynamo.mark_static_address(t, guard=False)
+@functools.lru_cache
+def positions(device):
+    """arange(65536) on device, made once: positions(device)[start] is a 0-d tensor on the device
+    without a copy from the host (on CUDA a stream sync per forward call)."""
+    return torch.arange(65536, device=device)
+
+
+def decode_call(model, x, start, *args):
+    """One cached forward call of generate: model.decode(x, start, *args), counted in model.nfe.
+    Compiled (model.compile_sampling set model.compiled_decode), start goes as a 0-d tensor, so
+    one graph serves every position of a shape, and the output is copied: a CUDA graph's next
+    replay overwrites it."""
+    model.nfe += 1
+    if model.compiled_decode is None:
+        return model.decode(x, start, *args)
+    out = model.compiled_decode(x, positions(x.device)[start], *args)
+    if torch.is_tensor(out):
+        return out.clone()
+    return tuple(t.clone() for t in out)
 
 
 @contextmanager
@@ -339,7 +365,7 @@ class Model(nn.Module):
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)  # official init: logits start uniform
         self.nfe = 0  # forward calls of the last generate()
-        self.compiled_step = None  # compile_step(): torch.compile(self.step); None: eager decode
+        self.compiled_decode = None  # compile_sampling(): torch.compile(self.decode)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -382,26 +408,19 @@ class Model(nn.Module):
     # --- generation ----------------------------------------------------------------------------
     def decode(self, x, start, mask):
         """One cached forward call: x (B, T, C) enters at positions start..start+T-1 of the
-        method's sequence; mask is the full (S, S) mask. -> (B, T, V) logits."""
-        self.nfe += 1
-        if self.compiled_step is not None:  # a copy: a CUDA graph's next replay overwrites it
-            return self.compiled_step(x, torch.tensor(start, device=x.device), mask).clone()
-        end = start + x.shape[1]
-        return self.backbone(x, self.rope(x.device)[start:end], start, mask[start:end, :end])
-
-    def step(self, x, start, mask):
-        """decode's forward call with static shapes, for torch.compile: start a 0-d long tensor,
-        the keys and values the whole (B, H, S, D) cache (attend), the mask rows (T, S). Rounding
-        may differ from decode's (sums over S keys, not start+T), nothing else."""
+        method's sequence; mask is the full (S, S) mask. -> (B, T, V) logits. start an int, or a
+        0-d long tensor when compiled (query_rows): the same code (its tokens may differ by
+        rounding: the softmax sums over all S keys)."""
         pos = start + torch.arange(x.shape[1], device=x.device)  # (T,)
         freqs = self.rope(x.device).index_select(0, pos)  # (T, D/2, 2)
-        return self.backbone(x, freqs, start, mask.index_select(0, pos))
+        return self.backbone(x, freqs, start, query_rows(mask, start, x.shape[1]))
 
-    def compile_step(self, mode=None, backend='inductor'):
-        """generate's cached forward calls through torch.compile(self.step): every call has the
-        same shapes (T = 1 token; the class prefix too, cls_token_num 1), so one graph serves
-        them all; mode='reduce-overhead' replays it as a CUDA graph."""
-        self.compiled_step = torch.compile(self.step, mode=mode, backend=backend)
+    def compile_sampling(self, mode=None, backend='inductor'):
+        """generate's cached forward calls (decode_call) through torch.compile(self.decode): each
+        shape compiles once (dynamic=False: LlamaGen one, T = 1; PAR two, T = 1 and n), and
+        mode='reduce-overhead' replays each as a CUDA graph."""
+        self.compiled_decode = torch.compile(self.decode, mode=mode, backend=backend,
+                                             dynamic=False)
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, cfg_interval=-1,
@@ -420,9 +439,7 @@ class Model(nn.Module):
         self.nfe = 0
         dtype = self.tok_embeddings.weight.dtype
         with eval_mode(self), kv_caches(self, len(cond), S, dtype, device):
-            if self.compiled_step is not None:
-                static_caches(self)
-            logits = self.decode(self.cls_embedding(cond), 0, mask)[:, -1]  # (B or 2B, V)
+            logits = decode_call(self, self.cls_embedding(cond), 0, mask)[:, -1]  # (B or 2B, V)
             for t in range(L):
                 mixed = logits
                 if cfg and (cfg_interval < 0 or t <= cfg_interval + 1):
@@ -436,7 +453,7 @@ class Model(nn.Module):
                     trace_call(trace, tokens, pos <= t, pos == t, uncond)
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.tok_embeddings(tokens[:, t:t + 1].repeat(len(cond) // B, 1))
-                    logits = self.decode(x, P + t, mask)[:, -1]
+                    logits = decode_call(self, x, P + t, mask)[:, -1]
         return tokens
 
 

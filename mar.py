@@ -283,6 +283,12 @@ class Model(nn.Module):
     def on_step(self, step, total_steps):  # train.py's hook; MAR has no schedule of its own
         return None
 
+    def compile_sampling(self, mode=None, backend='inductor'):
+        """DiffLoss's reverse steps through torch.compile (DiffLoss.compile_sampling): num_iter x
+        100 small MLP calls, the launch-bound part of sampling. The transformer stays eager: the
+        encoder's visible tokens change in number at every call."""
+        self.diffloss.compile_sampling(mode, backend)
+
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, num_iter=64, cfg_schedule='linear',
                  num_sampling_steps=0, generator=None, trace=None):

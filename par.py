@@ -161,7 +161,8 @@ class Model(llamagen.Model):
             x = self.cls_embedding(cond)  # the input at positions start .. start+T-1
             start = 0
             while True:
-                logits = self.decode(x, start, mask)  # (B or 2B, T, V): t_start .. t_{start+T-1}
+                # (B or 2B, T, V): t_start .. t_{start+T-1}
+                logits = llamagen.decode_call(self, x, start, mask)
                 T = logits.shape[1]
                 mixed = llamagen.cfg_mix(logits, cfg_scale) if cfg else logits  # (B, T, V)
                 ids = llamagen.sample_logits(mixed.flatten(0, 1), temperature, top_k, top_p,

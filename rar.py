@@ -200,6 +200,7 @@ class Model(nn.Module):
         nn.init.zeros_(head_modulation[1].bias)
         self.random_ratio = 0.0  # r, set by on_step; not in the state dict (official)
         self.nfe = 0  # forward calls of the last generate()
+        self.compiled_decode = None  # compile_sampling(): torch.compile(self.decode)
 
     def class_embedding(self, labels):  # (B,) class ids, num_classes = null -> (B, 1, C)
         return self.embeddings(labels + self.cfg.vocab_size + 1)[:, None]
@@ -252,16 +253,20 @@ class Model(nn.Module):
         return None
 
     # --- generation: raster order, KV cache, CFG by batch doubling -------------------------------
-    def decode(self, x, cond, start, mask):
+    def decode(self, x, start, mask, cond):
         """One cached forward call: x (B, T, C) embeddings entering raster slots start..start+T-1,
-        cond (B, 1, C) class embeddings, mask the full (S, S) mask -> (B, T, V) logits. In raster
-        order the two position tables merge into one: pos[j] + ta[j + 1] for slot j."""
-        self.nfe += 1
-        end = start + x.shape[1]
+        mask the full (S, S) mask, cond (B, 1, C) class embeddings -> (B, T, V) logits. In raster
+        order the two position tables merge into one: pos[j] + ta[j + 1] for slot j. start an
+        int, or a 0-d long tensor when compiled (llamagen.query_rows)."""
+        slots = start + torch.arange(x.shape[1], device=x.device)  # (T,)
         raster = torch.arange(self.cfg.block_size, device=x.device)[None]
-        pos = self.positions(raster)[:, start:end]
-        c = cond + self.timesteps_embeddings[:, start:end]
-        return self.backbone(x + pos, c, start, mask[start:end, :end])
+        pos = self.positions(raster).index_select(1, slots)
+        c = cond + self.timesteps_embeddings.index_select(1, slots)
+        return self.backbone(x + pos, c, start, llamagen.query_rows(mask, start, x.shape[1]))
+
+    def compile_sampling(self, mode=None, backend='inductor'):  # as the core's (decode_call)
+        self.compiled_decode = torch.compile(self.decode, mode=mode, backend=backend,
+                                             dynamic=False)
 
     @torch.inference_mode()
     def generate(self, labels, cfg_scale=16.0, temperature=1.0, guidance_scale_pow=2.75,
@@ -284,7 +289,7 @@ class Model(nn.Module):
         with llamagen.eval_mode(self), llamagen.kv_caches(self, len(rows), S, dtype, device):
             cond = self.class_embedding(rows)  # (B or 2B, 1, C): the class slot and every adaLN
             prefix = torch.cat([self.cls_token.expand(len(rows), -1, -1), cond], dim=1)
-            logits = self.decode(prefix, cond, 0, mask)[:, -1]  # (B or 2B, V)
+            logits = llamagen.decode_call(self, prefix, 0, mask, cond)[:, -1]  # (B or 2B, V)
             for t in range(L):
                 mixed = logits
                 if cfg:
@@ -300,5 +305,5 @@ class Model(nn.Module):
                     llamagen.trace_call(trace, tokens, pos <= t, pos == t, uncond)
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.embeddings(tokens[:, t:t + 1].repeat(len(rows) // B, 1))
-                    logits = self.decode(x, cond, 2 + t, mask)[:, -1]
+                    logits = llamagen.decode_call(self, x, 2 + t, mask, cond)[:, -1]
         return tokens

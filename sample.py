@@ -8,7 +8,7 @@ Sample a generator, ours or an official checkpoint: a PNG grid, or an ADM-style 
       --vq-ckpt vq_ds16_c2i.pt --benchmark --download   # the files fetched into the cache once
   python sample.py --ckpt RUN/last.pt --trace trace.png      # the canvas after every forward call
   python sample.py --random-weights --method llamagen --model GPT-XL --image-size 384 \\
-      --benchmark --compile                      # paper-size speed, no files; compiled decode step
+      --benchmark --compile                      # paper-size speed, no files; compiled step
 
 The .npz holds arr_0 uint8 (N, H, W, 3) and arr_1 labels (N,), class-balanced, as the ADM
 evaluator reads it. The keyword arguments of the method's generate() become flags.
@@ -113,17 +113,12 @@ def benchmark(model, tok, args, generator, device, reps=3):
 
 
 def compile_sampling(model, device):
-    """--compile: generate's cached decode step through torch.compile (Model.compile_step), CUDA
-    graphs on CUDA. Only the core's raster loop (LlamaGen, NPP) has that static-shape step; the
-    other methods' generate and decode are their own: stop with one line for them."""
-    core = type(model).generate is llamagen.Model.generate
-    if not core or type(model).decode is not llamagen.Model.decode:
-        raise SystemExit(f'--compile: compiled sampling is for the core raster loop (llamagen, '
-                         f'npp); {type(model).__module__} has its own generate')
+    """--compile: the method's compile_sampling, CUDA graphs on CUDA (mode='reduce-overhead'). The
+    token methods compile their cached forward call (decode), MAR its DiffLoss step."""
     mode = None
     if device.type == 'cuda':
         mode = 'reduce-overhead'
-    model.compile_step(mode)
+    model.compile_sampling(mode)
 
 
 def synchronize(device):
@@ -492,8 +487,8 @@ def parse_args(argv=None):
     p.add_argument('--random-weights', action='store_true', help='--benchmark a model of '
                    '--method/--model/--image-size with random weights (and its paper tokenizer '
                    'config): no files')
-    p.add_argument('--compile', action='store_true', help='compile the cached decode step '
-                   "(torch.compile, CUDA graphs on CUDA); LlamaGen and NPP's raster loop only")
+    p.add_argument('--compile', action='store_true', help='torch.compile the sampling step, '
+                   "CUDA graphs on CUDA: the cached forward call; MAR's DiffLoss step")
     p.add_argument('--precision', choices=('fp32', 'bf16'),
                    help='default: bf16 on GPU, fp32 on CPU')
     p.add_argument('--seed', type=int, default=0)
