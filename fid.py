@@ -86,6 +86,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import llamagen
+from train import CLASSES, builtin_images  # the built-in dataset, to score samples of it
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
@@ -411,7 +412,6 @@ def check_count(spec, n):
 
 def read_builtin(spec, batch_size):
     """builtin[:N[:SIZE[:SEED]]] -> (N, batches uint8 (B, SIZE, SIZE, 3), key of the pixels)."""
-    import train  # here: only this input needs the training code (the built-in dataset)
     if not re.fullmatch(r'builtin(:\d+){0,3}', spec):
         raise ValueError(f'{spec}: not builtin[:N[:SIZE[:SEED]]] with whole numbers')
     fields = [int(v) for v in spec.split(':')[1:]]
@@ -419,7 +419,7 @@ def read_builtin(spec, batch_size):
     check_count(spec, n)
     if size < 1:
         raise ValueError(f'{spec}: SIZE must be at least 1')
-    imgs, _ = train.builtin_images(n, size, seed)
+    imgs, _ = builtin_images(n, size, seed)
     key = hashlib.sha1(imgs.tobytes()).hexdigest()  # the pixels: a new renderer invalidates
     batches = (imgs[i:i + batch_size] for i in range(0, len(imgs), batch_size))
     return len(imgs), batches, key
@@ -778,17 +778,16 @@ class Classifier(nn.Module):
 def train_classifier(n=4000, steps=300, seed=12345, size=32, cache=None):
     """A Classifier trained on n built-in images rendered with seed (not the generators' seed 0),
     size x size; read from cache (a state dict file) when it exists, written there otherwise."""
-    import train  # here: only the classifier needs the built-in dataset
     if cache and os.path.exists(cache):
-        clf = Classifier(len(train.CLASSES))
+        clf = Classifier(len(CLASSES))
         clf.load_state_dict(llamagen.load_file(cache))
         return clf.eval()
-    imgs, labels = train.builtin_images(n, size, seed)  # (n, size, size, 3) uint8, (n,)
+    imgs, labels = builtin_images(n, size, seed)  # (n, size, size, 3) uint8, (n,)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float()
     y = torch.from_numpy(labels)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights
-    clf = Classifier(len(train.CLASSES))
+    clf = Classifier(len(CLASSES))
     opt = torch.optim.Adam(clf.parameters(), 3e-3)
     for _ in range(steps):
         i = torch.randint(0, n, (64,), generator=g)
@@ -831,14 +830,12 @@ def diversity(clf, images, labels, real, real_labels):
 
 @functools.lru_cache(maxsize=4)  # rendered once for all the rows of a sweep or a table
 def real_images(n, size, seed=54321):  # built-in images that neither the classifier nor a
-    import train  # generator saw (seeds 12345 and 0); here: only the classifier needs them
-    return train.builtin_images(n, size, seed)
+    return builtin_images(n, size, seed)
 
 
 def labeled_samples(path):
     """arr_0 uint8 (N, H, W, 3) images and arr_1 integer labels (N,) of the built-in classes, of
     an .npz as sample.py writes it; a ValueError naming the file on anything else."""
-    import train  # here: only the classifier needs the built-in dataset
     arrays, _ = load_npz(path, ('arr_0', 'arr_1'))
     missing = [k for k in ('arr_0', 'arr_1') if k not in arrays]
     if missing:
@@ -852,7 +849,7 @@ def labeled_samples(path):
     if labels.dtype.kind not in 'iu' or labels.shape != imgs.shape[:1]:
         raise ValueError(f'{path}: arr_1 must be integer labels {imgs.shape[:1]}, one per image, '
                          f'not {labels.dtype} {labels.shape}')
-    k = len(train.CLASSES)
+    k = len(CLASSES)
     if labels.min() < 0 or labels.max() >= k:
         raise ValueError(f'{path}: arr_1 has labels {labels.min()}..{labels.max()}, outside the '
                          f'{k} built-in classes 0..{k - 1}')

@@ -32,7 +32,8 @@ at the end, and tok.metrics() for the log.
 Hooks of the core Model (overridden by the methods that change them):
   rope_table()          (prefix + T, D/2, 2) RoPE table in the method's sequence order
   attn_mask(S, device)  (S, S) bool mask in the method's order; None = plain causal (SDPA is_causal)
-  backbone / decode     the layers over embeddings; one cached forward call of generate
+  backbone / decode     the layers over embeddings; one cached forward call of generate (through
+                        decode_call; compile_sampling compiles it)
 Train: torchrun --nproc_per_node=8 train.py --method llamagen --model GPT-B --data-path ...
 Shapes: B batch, T sequence positions, C width, H heads, D head dim, h*w token grid, V codebook.
 """

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -359,7 +358,7 @@ def test_builtin_spec(monkeypatch):
         calls.append((n, image_size, seed))
         rng = np.random.default_rng(seed)
         return rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8), np.zeros(n)
-    monkeypatch.setitem(sys.modules, 'train', types.SimpleNamespace(builtin_images=builtin_images))
+    monkeypatch.setattr(fid, 'builtin_images', builtin_images)
     n, batches, key = fid.read_images('builtin:5:16:3', 2)
     assert n == 5
     assert [b.shape for b in batches] == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
