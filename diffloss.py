@@ -283,7 +283,7 @@ class DiffLoss(nn.Module):
         return mean + nonzero * torch.exp(0.5 * logvar) * noise
 
     def compile_sampling(self, mode=None, backend='inductor'):
-        """sample's steps through torch.compile(self.p_sample): one graph per number of rows
-        (MAR's tokens per iteration, a handful of values), k > 0 and k = 0; mode='reduce-overhead'
-        replays each as a CUDA graph."""
+        """sample's steps through torch.compile(self.p_sample): for k > 0 and for k = 0 a graph of
+        the first row count, then one of any (dynamic shapes: MAR predicts a varying number of
+        tokens per call), 4 in all; mode='reduce-overhead' records a CUDA graph per row count."""
         self.compiled_step = torch.compile(self.p_sample, mode=mode, backend=backend)

@@ -275,6 +275,9 @@ def test_generation_is_reproducible_and_cfg_one_is_the_unguided_path():
     linear = run(0, cfg_scale=3.0)
     constant = run(0, cfg_scale=3.0, cfg_schedule='constant')
     assert rel(linear, a) > 1e-2 and rel(constant, a) > 1e-2 and rel(linear, constant) > 1e-2
+    model.cfg.cfg_schedule = 'constant'  # the default '' takes the config's (mar_tiny: constant)
+    assert torch.equal(run(0, cfg_scale=3.0), constant)
+    model.cfg.cfg_schedule = 'linear'
     with pytest.raises(SystemExit, match='cfg_schedule'):
         run(0, cfg_schedule='cosine')
 
@@ -305,7 +308,7 @@ def test_attention_is_timms_formula():  # softmax(q k^T / sqrt(D)) v over every 
 def test_classroom_run_decays_the_lr_and_scales_the_embeddings():
     args, _, _ = train.parse_args(['--method', 'mar'])  # mar.CLASSROOM over the stage defaults
     assert (args.max_steps, args.lr_schedule, args.lr) == (4000, 'cosine', 1e-3)
-    assert args.cfg_scale == 3.0 and train.parse_args([])[0].cfg_scale == 2.0  # grids, sample.py
+    assert args.cfg_scale == 4.0 and train.parse_args([])[0].cfg_scale == 2.0  # grids, sample.py
     constant = train.parse_args(['--method', 'mar', '--lr-schedule', 'constant'])[0]
     assert constant.lr_schedule == 'constant'  # flags over both
     assert train.parse_args(['--method', 'llamagen'])[0].lr_schedule == 'constant'
