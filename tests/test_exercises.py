@@ -49,4 +49,4 @@ def test_every_exercise_command_runs(tmp_path, monkeypatch):
             sample.main(argv + TINY_SAMPLE + mar)  # MAR: 2 diffusion steps
         else:
             fid.main(argv)
-    assert os.path.exists('results/ex/mar-mul1/last.pt') and os.path.exists('cfg4.npz')
+    assert os.path.exists('results/ex/mar-mul2/last.pt') and os.path.exists('cfg4.npz')

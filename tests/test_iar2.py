@@ -46,7 +46,8 @@ def test_contract_fields():
     fields = iar2.derive_config(tok, 16, 10)
     assert fields == dict(vocab_size=32, block_size=16, num_classes=10, sub_vocab_size=512)
     assert list(iar2.TOKENIZER_SIZES)[0] == 'IAR2-VQ-16'
-    assert iar2.CLASSROOM == {'generator': {'lr_schedule': 'cosine'}}
+    assert iar2.CLASSROOM == {'tokenizer': {'max_steps': 800},
+                              'generator': {'lr_schedule': 'cosine'}}
     assert [s for s in iar2.SIZES if s.endswith('tiny')] == ['IAR2-tiny']
     assert set(iar2.PAPER) == {'IAR2-B', 'IAR2-L', 'IAR2-XL', 'IAR2-XXL'}
     assert iar2.PAPER['IAR2-B']['cfg_scale1'] == (1.75, 3.0)
