@@ -253,16 +253,15 @@ class Model(nn.Module):
         return None
 
     # --- generation: raster order, KV cache, CFG by batch doubling -------------------------------
-    def decode(self, x, start, mask, cond):
+    def decode(self, x, start, mask, cond, table):
         """One cached forward call: x (B, T, C) embeddings entering raster slots start..start+T-1,
-        mask the full (S, S) mask, cond (B, 1, C) class embeddings -> (B, T, V) logits. In raster
-        order the two position tables merge into one: pos[j] + ta[j + 1] for slot j. start an
-        int, or a 0-d long tensor when compiled (llamagen.query_rows)."""
+        mask the full (S, S) mask, cond (B, 1, C) class embeddings, table (1, L + 2, C) the slots'
+        position terms in raster order (positions(), once per generate) -> (B, T, V) logits.
+        start an int, or a 0-d long tensor when compiled (llamagen.query_rows)."""
         slots = start + torch.arange(x.shape[1], device=x.device)  # (T,)
-        raster = torch.arange(self.cfg.block_size, device=x.device)[None]
-        pos = self.positions(raster).index_select(1, slots)
         c = cond + self.timesteps_embeddings.index_select(1, slots)
-        return self.backbone(x + pos, c, start, llamagen.query_rows(mask, start, x.shape[1]))
+        x = x + table.index_select(1, slots)
+        return self.backbone(x, c, start, llamagen.query_rows(mask, start, x.shape[1]))
 
     def compile_sampling(self, mode=None, backend='inductor'):  # as the core's (decode_call)
         self.compiled_decode = torch.compile(self.decode, mode=mode, backend=backend,
@@ -289,7 +288,9 @@ class Model(nn.Module):
         with llamagen.eval_mode(self), llamagen.kv_caches(self, len(rows), S, dtype, device):
             cond = self.class_embedding(rows)  # (B or 2B, 1, C): the class slot and every adaLN
             prefix = torch.cat([self.cls_token.expand(len(rows), -1, -1), cond], dim=1)
-            logits = llamagen.decode_call(self, prefix, 0, mask, cond)[:, -1]  # (B or 2B, V)
+            # in raster order the two position tables merge into one: pos[j] + ta[j + 1], slot j
+            table = self.positions(torch.arange(L, device=device)[None])  # (1, L + 2, C)
+            logits = llamagen.decode_call(self, prefix, 0, mask, cond, table)[:, -1]  # (B or 2B, V)
             for t in range(L):
                 mixed = logits
                 if cfg:
@@ -305,5 +306,5 @@ class Model(nn.Module):
                     llamagen.trace_call(trace, tokens, pos <= t, pos == t, uncond)
                 if t < L - 1:  # both CFG halves get the same token
                     x = self.embeddings(tokens[:, t:t + 1].repeat(len(rows) // B, 1))
-                    logits = llamagen.decode_call(self, x, 2 + t, mask, cond)[:, -1]
+                    logits = llamagen.decode_call(self, x, 2 + t, mask, cond, table)[:, -1]
         return tokens

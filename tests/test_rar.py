@@ -188,8 +188,8 @@ def test_kv_cache_generation_equals_the_no_cache_forward(cfg_scale, pow):
     seen = []  # the logits of every cached call, in order
     decode = model.decode
 
-    def recorded(x, cond, start, mask):
-        logits = decode(x, cond, start, mask)
+    def recorded(*args):  # decode's arguments, as generate passes them
+        logits = decode(*args)
         seen.append(logits)
         return logits
 
