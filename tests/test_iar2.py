@@ -187,6 +187,23 @@ def test_window_matches_the_official_slots_and_is_causal():
                 assert got == want and all(q < p for q in got if q is not None)
 
 
+def test_classroom_size_turns_each_pair_by_its_own_grid_cell():
+    """IAR2-tiny: pair j (sequence position j + 1) turns by grid cell j, as in LlamaGen; the paper
+    sizes keep the official quirk (cell j // 2), which their checkpoints need."""
+    def rope_table(size, **kw):  # (1 + rows, 16, 2) at head dim 32, on an 8 x 8 grid
+        cfg = dict(n_layer=1, n_head=4, dim=128, vocab_size=8, sub_vocab_size=16, block_size=64,
+                   num_classes=5, factorized_n_layer=1)
+        with torch.device('meta'):  # no weights needed: the table is computed from the config
+            model = iar2.Model(iar2.Config(**{**cfg, **iar2.SIZES[size], **kw}))
+        return model.rope_table()
+    grid = llamagen.rope_2d(llamagen.grid_positions(8), 32, 10000.0)  # (64, 16, 2)
+    tiny_table = rope_table('IAR2-tiny')
+    assert tiny_table.shape == (65, 16, 2) and torch.equal(tiny_table[1:], grid)
+    assert all('rope_repeat' not in cfg for name, cfg in iar2.SIZES.items() if name != 'IAR2-tiny')
+    paper = rope_table('IAR2-B', n_layer=1, n_head=4, dim=128)  # the paper's Config default
+    assert torch.equal(paper[1::2], grid) and torch.equal(paper[2::2], grid)
+
+
 @pytest.mark.parametrize('rope_repeat', [True, False])
 def test_causality_in_raster_order(rope_repeat):
     model, L = tiny(rope_repeat=rope_repeat), 25
