@@ -3,6 +3,7 @@ tokenizer's stage-1 / stage-2 gradient routing, KV-cached generation (semantic a
 sub-steps) against teacher forcing, causality in raster order and the 12-neighbour window, the
 adaptive CFG schedule, and a tiny tokenizer + generator + sample run on the built-in dataset."""
 import json
+import math
 import os
 
 import pytest
@@ -13,6 +14,7 @@ import iar2
 import llamagen
 import sample
 import train
+import vq
 from conftest import DATA
 
 
@@ -153,6 +155,31 @@ def record(model):  # -> {1: semantic logits, 2: detail logits}, one tensor per 
 
 def teacher_forced(model, sem, det, labels):
     return model(torch.cat([sem, det], 1), labels)[0]
+
+
+def test_entropy_loss_closed_form_and_its_terms_per_stage():
+    V = 8
+    spread = torch.eye(V) * 10  # each vector sure of its own code: per-sample entropy 0, usage flat
+    assert vq.entropy_loss(spread).item() == pytest.approx(-math.log(V), abs=1e-3)
+    same = torch.zeros(V, V)
+    same[:, 0] = 10  # all sure of code 0: nothing to reward
+    assert abs(vq.entropy_loss(same).item()) < 1e-3
+    assert abs(vq.entropy_loss(torch.zeros(V, V)).item()) < 1e-3  # unsure: log V - log V
+    # the classroom tokenizer has it (official 0), on the semantic distances in stage 1, on both
+    # codebooks' in stage 2
+    assert iar2.TOKENIZER_SIZES['IAR2-VQ-tiny']['entropy_loss_ratio'] == 0.1
+    assert 'entropy_loss_ratio' not in iar2.TOKENIZER_SIZES['IAR2-VQ-16']
+    q = tiny_tokenizer(entropy_loss_ratio=0.1).quantize.train()
+    z = torch.randn(2, 8, 3, 3)
+    zf = torch.nn.functional.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    e1, e2 = q.codebook(), q.embedding_second
+    d1 = torch.cdist(zf, e1).pow(2)
+    d2 = torch.cdist(zf - e1[d1.argmin(1)], e2).pow(2)
+    semantic, both = vq.entropy_loss(-d1), vq.entropy_loss(-d1) + vq.entropy_loss(-d2)
+    for mode, want in (('semantic', semantic), ('detail', both), ('both', both)):
+        q.mode = mode
+        losses = q(z)[1]
+        assert losses['entropy'].item() == pytest.approx(0.1 * want.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize('grid,cfg,rope_repeat', [(5, 1.0, True), (5, 3.0, True), (4, 2.0, False)])
